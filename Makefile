@@ -1,0 +1,37 @@
+# deltavault: the two README commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint protos bench-store clean
+
+# Torch first, pinned exactly: its local CPU wheel. An unpinned resolve pulls a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m clients.demo
+
+test: install lint
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+protos: install
+	$(PY) -m clients.codegen
+
+bench-store: install
+	$(PY) -m tests.bench.bench_store
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

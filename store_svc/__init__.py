@@ -1,0 +1,1 @@
+"""deltavault delta store: a content-addressed chunk store with manifests and refs."""
