@@ -26,6 +26,8 @@ _IMPORT_RULES = (
     (re.compile(r"^from deltavault\.", re.MULTILINE), f"from {GENERATED_PACKAGE}.deltavault."),
     (re.compile(r"^import deltavault\.", re.MULTILINE), f"import {GENERATED_PACKAGE}.deltavault."),
 )
+
+
 def rewrite_imports(source: str) -> str:
     """Re-root protoc's ``deltavault.*`` imports under ``clients._generated``."""
     for pattern, replacement in _IMPORT_RULES:
@@ -70,9 +72,11 @@ def generate(out_dir: Path) -> None:
 
 def stale_files(expected: Path, actual: Path) -> list[str]:
     """Relative paths that differ between two generated trees (missing or changed)."""
+
     def listing(root: Path) -> set[str]:
         return {
-            str(p.relative_to(root)) for p in root.rglob("*")
+            str(p.relative_to(root))
+            for p in root.rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         }
 

@@ -35,7 +35,8 @@ class Algorithm(enum.Enum):
 
     def new(self) -> _Hasher:
         if self is Algorithm.BLAKE3:
-            return blake3.blake3()  # type: ignore[no-any-return]
+            hasher: _Hasher = blake3.blake3()
+            return hasher
         return hashlib.sha256()
 
     def to_proto(self) -> common_pb2.DigestAlgorithm.ValueType:

@@ -1,0 +1,28 @@
+"""gRPC channels to deltavault services: message limits and keepalive in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+MiB = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 8 * MiB
+"""Must exceed the server's frame limit (2 MiB by default) plus message overhead."""
+
+
+def open_channel(
+    target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.Channel:
+    """An insecure channel to ``host:port`` with explicit message limits.
+
+    Retries are done by the clients themselves (they know which calls are idempotent and
+    re-send only what a stream had not finished), so the channel's own retry is off.
+    """
+    return grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 0),
+            ("grpc.keepalive_time_ms", 30_000),
+        ],
+    )

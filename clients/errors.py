@@ -1,0 +1,125 @@
+"""Client-side exceptions, chosen from a closed table of gRPC status codes.
+
+Never built from class names a server sends: the status code picks the class, and the
+``google.rpc`` details (missing chunks, ref conflicts, corrupt chunks) fill its fields.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from clients._generated.deltavault.common.v1 import common_pb2
+from store_svc.digest import Digest
+
+
+class DeltaVaultError(Exception):
+    """A failed call. ``code`` is the gRPC status; the message is the server's."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgumentError(DeltaVaultError):
+    """The request was malformed (bad digest, shape, ref name, range)."""
+
+
+class NotFoundError(DeltaVaultError):
+    """The ref, manifest or chunk does not exist."""
+
+
+class PreconditionError(DeltaVaultError):
+    """The store's state forbids the call, e.g. a manifest names absent chunks."""
+
+    missing: list[Digest]
+
+
+class ConflictError(DeltaVaultError):
+    """A ref compare-and-swap lost: ``actual`` is where the ref points now (None: absent)."""
+
+    expected: Digest | None
+    actual: Digest | None
+
+
+class DataLossError(DeltaVaultError):
+    """Stored or uploaded bytes do not match their digest."""
+
+    digest: Digest | None
+
+
+class ResourceExhaustedError(DeltaVaultError):
+    """A size or rate limit was exceeded."""
+
+
+class PermissionDeniedError(DeltaVaultError):
+    """The caller may not do this."""
+
+
+class UnauthenticatedError(DeltaVaultError):
+    """The caller presented no valid credentials."""
+
+
+class UnavailableError(DeltaVaultError):
+    """The service or its object store could not be reached; retrying may succeed."""
+
+
+class InternalError(DeltaVaultError):
+    """The server failed; its log has the details."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[DeltaVaultError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> DeltaVaultError:
+    """The client exception for a failed call, with its structured details parsed."""
+    call: grpc.Call = error  # type: ignore[assignment]
+    code = call.code()
+    cls = _BY_CODE.get(code, InternalError)
+    exc = cls(call.details() or code.name, code)
+    _attach_details(exc, rpc_status.from_call(call))
+    return exc
+
+
+def _attach_details(exc: DeltaVaultError, status: status_pb2.Status | None) -> None:
+    if isinstance(exc, PreconditionError):
+        exc.missing = []
+    if isinstance(exc, ConflictError):
+        exc.expected = exc.actual = None
+    if isinstance(exc, DataLossError):
+        exc.digest = None
+    for packed in status.details if status else ():
+        missing, conflict, corrupt = (
+            common_pb2.MissingChunksDetail(),
+            common_pb2.RefConflictDetail(),
+            common_pb2.CorruptChunkDetail(),
+        )
+        if isinstance(exc, PreconditionError) and packed.Unpack(missing):
+            exc.missing = [Digest.from_proto(d) for d in missing.digests]
+        elif isinstance(exc, ConflictError) and packed.Unpack(conflict):
+            exc.expected = _maybe(conflict, "expected")
+            exc.actual = _maybe(conflict, "actual")
+        elif isinstance(exc, DataLossError) and packed.Unpack(corrupt):
+            exc.digest = Digest.from_proto(corrupt.digest)
+
+
+def _maybe(detail: common_pb2.RefConflictDetail, field: str) -> Digest | None:
+    if not detail.HasField(field):  # type: ignore[arg-type]
+        return None
+    return Digest.from_proto(getattr(detail, field))

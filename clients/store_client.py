@@ -1,0 +1,302 @@
+"""``StoreClient``: the delta store from Python, used by the compressor and the SDK.
+
+It cuts byte strings into fixed-size chunks, uploads only the chunks the store lacks,
+streams chunks back verified, and retries with exponential backoff when the store is
+UNAVAILABLE. Every call has a deadline, so a dead server is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from clients._generated.deltavault.common.v1 import common_pb2
+from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
+from clients.channel import MiB, open_channel
+from clients.errors import (
+    ConflictError,
+    DataLossError,
+    DeltaVaultError,
+    UnavailableError,
+    from_rpc_error,
+)
+from store_svc.digest import Algorithm, Digest
+
+T = TypeVar("T")
+
+DEFAULT_CHUNK_BYTES = 4 * MiB
+DEFAULT_FRAME_BYTES = 1 * MiB
+_MISSING_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        """Sleep before each retry: exponential, with full jitter."""
+        backoff = self.initial_backoff
+        for _ in range(self.attempts - 1):
+            yield random.uniform(0, backoff)
+            backoff = min(backoff * self.multiplier, self.max_backoff)
+
+
+@dataclass(frozen=True)
+class UploadStats:
+    chunks: int
+    chunks_sent: int
+    bytes_sent: int
+    bytes_written: int
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    digest: Digest
+    already_present: bool
+    chunk_count: int
+    total_bytes: int
+
+
+def cut_chunks(
+    data: bytes | memoryview, chunk_bytes: int, algorithm: Algorithm
+) -> list[tuple[Digest, memoryview]]:
+    """Fixed-size chunks of ``data`` with their digests (the last may be shorter)."""
+    view = memoryview(data)
+    pieces = [view[i : i + chunk_bytes] for i in range(0, len(view), chunk_bytes)]
+    return [(Digest.of(piece, algorithm), piece) for piece in pieces]
+
+
+class StoreClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        channel: grpc.Channel | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        frame_bytes: int = DEFAULT_FRAME_BYTES,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._channel = channel or open_channel(target)
+        self._stub = store_pb2_grpc.DeltaStoreStub(self._channel)
+        self.chunk_bytes = chunk_bytes
+        self._frame_bytes = frame_bytes
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- chunks -------------------------------------------------------------------------
+
+    def missing_chunks(self, digests: Sequence[Digest]) -> list[Digest]:
+        missing: list[Digest] = []
+        for start in range(0, len(digests), _MISSING_BATCH):
+            batch = [d.to_proto() for d in digests[start : start + _MISSING_BATCH]]
+            request = store_pb2.MissingChunksRequest(digests=batch)
+            response = self._call(partial(self._stub.MissingChunks, request, timeout=self._timeout))
+            missing += [Digest.from_proto(d) for d in response.missing]
+        return missing
+
+    def put_chunks(self, chunks: Sequence[tuple[Digest, bytes | memoryview]]) -> int:
+        """Upload these chunks (whether or not present); returns bytes newly written."""
+        if not chunks:
+            return 0
+        response = self._call(
+            lambda: self._stub.PutChunks(self._frames(chunks), timeout=self._timeout)
+        )
+        return int(response.bytes_written)
+
+    def upload(
+        self, data: bytes | memoryview, algorithm: Algorithm = Algorithm.BLAKE3
+    ) -> tuple[list[common_pb2.ChunkRef], UploadStats]:
+        """Store ``data`` as chunks, sending only those the store lacks."""
+        chunks = cut_chunks(data, self.chunk_bytes, algorithm)
+        missing = set(self.missing_chunks([d for d, _ in chunks]))
+        to_send = list({d: piece for d, piece in chunks if d in missing}.items())
+        written = self.put_chunks(to_send)
+        refs = [common_pb2.ChunkRef(digest=d.to_proto(), size=len(p)) for d, p in chunks]
+        stats = UploadStats(len(chunks), len(to_send), sum(len(p) for _, p in to_send), written)
+        return refs, stats
+
+    def get_chunks(
+        self, ranges: Sequence[tuple[Digest, int, int]]
+    ) -> Iterator[tuple[Digest, bytes]]:
+        """Yield ``(digest, bytes)`` per requested ``(digest, offset, length)`` range,
+        in order; length 0 reads to the end. Interrupted streams resume where they were."""
+        done = 0
+        for delay in [*self._retry.delays(), None]:
+            try:
+                for item in self._stream_ranges(ranges[done:]):
+                    done += 1
+                    yield item
+                return
+            except grpc.RpcError as error:
+                exc = from_rpc_error(error)
+                if not isinstance(exc, UnavailableError) or delay is None:
+                    raise exc from None
+                time.sleep(delay)
+
+    def read(self, refs: Iterable[common_pb2.ChunkRef]) -> bytes:
+        """Concatenated bytes of whole chunks, each verified by the server and here."""
+        refs = list(refs)
+        out = bytearray()
+        for want, (digest, data) in zip(
+            refs,
+            self.get_chunks([(Digest.from_proto(r.digest), 0, 0) for r in refs]),
+            strict=True,
+        ):
+            if Digest.of(data, digest.algorithm) != digest or len(data) != want.size:
+                raise DataLossError(f"chunk {digest} arrived damaged", grpc.StatusCode.DATA_LOSS)
+            out += data
+        return bytes(out)
+
+    # --- manifests and refs -----------------------------------------------------------
+
+    def commit_manifest(
+        self,
+        manifest: common_pb2.Manifest,
+        *,
+        ref: str = "",
+        expected: Digest | None = None,
+        force: bool = False,
+    ) -> CommitInfo:
+        request = store_pb2.CommitManifestRequest(manifest=manifest, ref=ref, force_ref=force)
+        if expected is not None:
+            request.expected_ref_target.CopyFrom(expected.to_proto())
+        response = self._call(lambda: self._stub.CommitManifest(request, timeout=self._timeout))
+        return CommitInfo(
+            Digest.from_proto(response.digest),
+            response.already_present,
+            response.chunk_count,
+            response.total_bytes,
+        )
+
+    def get_manifest(self, digest: Digest) -> common_pb2.Manifest:
+        request = store_pb2.GetManifestRequest(digest=digest.to_proto())
+        return self._call(lambda: self._stub.GetManifest(request, timeout=self._timeout)).manifest
+
+    def update_ref(
+        self, ref: str, target: Digest, *, expected: Digest | None = None, force: bool = False
+    ) -> Digest | None:
+        """Compare-and-swap ``ref`` to ``target``; returns the previous target."""
+        request = store_pb2.UpdateRefRequest(ref=ref, target=target.to_proto(), force=force)
+        if expected is not None:
+            request.expected.CopyFrom(expected.to_proto())
+        attempts = 0
+
+        def once() -> store_pb2.UpdateRefResponse:
+            nonlocal attempts
+            attempts += 1
+            return self._stub.UpdateRef(request, timeout=self._timeout)
+
+        try:
+            response = self._call(once)
+        except ConflictError as exc:
+            if attempts > 1 and exc.actual == target:  # an earlier, unanswered attempt landed
+                return expected
+            raise
+        return Digest.from_proto(response.previous) if response.HasField("previous") else None
+
+    def resolve_ref(self, ref: str) -> Digest:
+        request = store_pb2.ResolveRefRequest(ref=ref)
+        response = self._call(lambda: self._stub.ResolveRef(request, timeout=self._timeout))
+        return Digest.from_proto(response.target)
+
+    def list_refs(self, prefix: str = "", page_size: int = 0) -> Iterator[tuple[str, Digest]]:
+        """Every ref under ``prefix``, following pages."""
+        token = ""
+        while True:
+            request = store_pb2.ListRefsRequest(
+                prefix=prefix, page_size=page_size, page_token=token
+            )
+            response = self._call(partial(self._stub.ListRefs, request, timeout=self._timeout))
+            for info in response.refs:
+                yield info.ref, Digest.from_proto(info.target)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def delete_ref(self, ref: str, *, expected: Digest | None = None) -> Digest:
+        request = store_pb2.DeleteRefRequest(ref=ref)
+        if expected is not None:
+            request.expected.CopyFrom(expected.to_proto())
+        response = self._call(lambda: self._stub.DeleteRef(request, timeout=self._timeout))
+        return Digest.from_proto(response.previous)
+
+    def collect_garbage(
+        self, *, dry_run: bool = False, grace_seconds: int = 0
+    ) -> store_pb2.CollectGarbageResponse:
+        request = store_pb2.CollectGarbageRequest(
+            dry_run=dry_run, grace_period_seconds=grace_seconds
+        )
+        return self._call(lambda: self._stub.CollectGarbage(request, timeout=self._timeout))
+
+    def verify(self, manifest: Digest | None = None) -> store_pb2.VerifyResponse:
+        request = store_pb2.VerifyRequest()
+        if manifest is not None:
+            request.manifest.CopyFrom(manifest.to_proto())
+        return self._call(lambda: self._stub.Verify(request, timeout=self._timeout))
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one RPC, retrying UNAVAILABLE with backoff; raise a ``DeltaVaultError``."""
+        for delay in [*self._retry.delays(), None]:
+            try:
+                return fn()
+            except grpc.RpcError as error:
+                exc: DeltaVaultError = from_rpc_error(error)
+                if not isinstance(exc, UnavailableError) or delay is None:
+                    raise exc from None
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _frames(
+        self, chunks: Sequence[tuple[Digest, bytes | memoryview]]
+    ) -> Iterator[store_pb2.PutChunksRequest]:
+        for digest, data in chunks:
+            proto, view = digest.to_proto(), memoryview(data)
+            for offset in range(0, max(len(view), 1), self._frame_bytes):
+                yield store_pb2.PutChunksRequest(
+                    digest=proto,
+                    total_size=len(view),
+                    offset=offset,
+                    data=bytes(view[offset : offset + self._frame_bytes]),
+                )
+
+    def _stream_ranges(
+        self, ranges: Sequence[tuple[Digest, int, int]]
+    ) -> Iterator[tuple[Digest, bytes]]:
+        request = store_pb2.GetChunksRequest(
+            ranges=[
+                store_pb2.ChunkRange(digest=d.to_proto(), offset=o, length=n) for d, o, n in ranges
+            ]
+        )
+        buffer = bytearray()
+        for frame in self._stub.GetChunks(request, timeout=self._timeout):
+            buffer += frame.data
+            if frame.last:
+                yield Digest.from_proto(frame.digest), bytes(buffer)
+                buffer = bytearray()

@@ -1,0 +1,148 @@
+"""Content-addressed chunks: write once under their digest, verify on every read.
+
+A stored chunk object is a 5-byte header then the payload (see ``store_svc/FORMAT.md``):
+``b"DVK"``, a format version byte, and a codec byte (raw or zstd). The digest always names
+the *raw* bytes, so the same content deduplicates whether or not it was compressed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import zstandard
+
+from store_svc.backends.base import Backend, ObjectNotFound
+from store_svc.digest import Algorithm, Digest
+from store_svc.errors import ChunkDigestMismatch, ChunkNotFound, CorruptObject
+
+CHUNK_PREFIX = "chunks/"
+_MAGIC = b"DVK"
+_FORMAT_VERSION = 1
+_HEADER_SIZE = len(_MAGIC) + 2
+# zstd is kept only when it saves at least this fraction: packed low-bit codes are close to
+# uniform and gain nothing, so most chunks are stored raw and read back without a decode.
+_MIN_ZSTD_SAVING = 0.03
+_EXISTS_PARALLELISM = 16
+
+
+class Codec(enum.IntEnum):
+    """How a chunk's payload is stored."""
+
+    RAW = 0
+    """Payload is the raw bytes."""
+    ZSTD = 1
+    """Payload is one zstd frame of the raw bytes."""
+
+
+class CompressionPolicy(enum.Enum):
+    NONE = "none"
+    """Always store raw."""
+    ZSTD = "zstd"
+    """Always store zstd."""
+    AUTO = "auto"
+    """zstd when it saves at least 3%, else raw."""
+
+
+def chunk_key(digest: Digest) -> str:
+    """Object key of a chunk: ``chunks/<algorithm>/<2 hex>/<64 hex>``."""
+    return f"{CHUNK_PREFIX}{digest.algorithm.value}/{digest.hex[:2]}/{digest.hex}"
+
+
+def digest_from_chunk_key(key: str) -> Digest:
+    _, algorithm, _, hex_value = key.split("/")
+    return Digest(Algorithm(algorithm), bytes.fromhex(hex_value))
+
+
+@dataclass(frozen=True)
+class PutResult:
+    written: bool
+    """False when the chunk was already stored (deduplicated)."""
+    stored_bytes: int
+    """Size of the stored object, header included."""
+
+
+class ChunkStore:
+    """Chunks on a backend: verified writes, verified reads, existence probes."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        policy: CompressionPolicy = CompressionPolicy.AUTO,
+        max_chunk_bytes: int,
+        zstd_level: int = 3,
+    ) -> None:
+        self._backend = backend
+        self._policy = policy
+        self._max_chunk_bytes = max_chunk_bytes
+        self._zstd_level = zstd_level
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        return self._max_chunk_bytes
+
+    def put(self, digest: Digest, data: bytes, *, verified: bool = False) -> PutResult:
+        """Store ``data`` under ``digest`` unless present.
+
+        Raises ``ChunkDigestMismatch`` (nothing written) if the bytes hash elsewhere. Pass
+        ``verified=True`` only when the caller has just hashed ``data`` itself.
+        """
+        if not verified:
+            actual = Digest.of(data, digest.algorithm)
+            if actual != digest:
+                raise ChunkDigestMismatch(digest, actual)
+        stored = self._encode(data)
+        return PutResult(self._backend.put_if_absent(chunk_key(digest), stored), len(stored))
+
+    def get(self, digest: Digest) -> bytes:
+        """The chunk's raw bytes, verified. ``ChunkNotFound`` or ``CorruptObject``."""
+        try:
+            stored = self._backend.get(chunk_key(digest))
+        except ObjectNotFound:
+            raise ChunkNotFound([digest], context="read") from None
+        raw = self._decode(digest, stored)
+        if Digest.of(raw, digest.algorithm) != digest:
+            raise CorruptObject(digest, "digest mismatch")
+        return raw
+
+    def missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The subset of ``digests`` not stored, in input order, duplicates dropped."""
+        unique = list(dict.fromkeys(digests))
+        with ThreadPoolExecutor(max_workers=_EXISTS_PARALLELISM) as pool:
+            present = list(pool.map(lambda d: self._backend.exists(chunk_key(d)), unique))
+        return [d for d, here in zip(unique, present, strict=True) if not here]
+
+    def iter_digests(self) -> Iterator[Digest]:
+        """Every stored chunk's digest, in key order."""
+        for info in self._backend.list(CHUNK_PREFIX):
+            yield digest_from_chunk_key(info.key)
+
+    def _encode(self, raw: bytes) -> bytes:
+        codec, payload = Codec.RAW, raw
+        if self._policy is not CompressionPolicy.NONE and raw:
+            packed = zstandard.ZstdCompressor(level=self._zstd_level).compress(raw)
+            saves = len(packed) <= len(raw) * (1 - _MIN_ZSTD_SAVING)
+            if self._policy is CompressionPolicy.ZSTD or saves:
+                codec, payload = Codec.ZSTD, packed
+        return _MAGIC + bytes((_FORMAT_VERSION, codec)) + payload
+
+    def _decode(self, digest: Digest, stored: bytes) -> bytes:
+        if len(stored) < _HEADER_SIZE or stored[:3] != _MAGIC:
+            raise CorruptObject(digest, "bad header")
+        if stored[3] != _FORMAT_VERSION:
+            raise CorruptObject(digest, f"unknown chunk format version {stored[3]}")
+        payload = stored[_HEADER_SIZE:]
+        if stored[4] == Codec.RAW:
+            return payload
+        if stored[4] != Codec.ZSTD:
+            raise CorruptObject(digest, f"unknown codec {stored[4]}")
+        try:
+            # The bound refuses a corrupt frame that claims a huge output size.
+            return zstandard.ZstdDecompressor().decompress(
+                payload, max_output_size=self._max_chunk_bytes
+            )
+        except zstandard.ZstdError as exc:
+            raise CorruptObject(digest, f"zstd frame does not decode: {exc}") from None

@@ -1,0 +1,132 @@
+"""The one wrapper every RPC runs in: it establishes the caller, turns exceptions into
+gRPC statuses and records per-RPC metrics.
+
+Streaming handlers are wrapped *while they are iterated*, so an error raised mid-stream
+is mapped like any other. Domain errors carry their status code and structured details;
+backend errors become UNAVAILABLE (transient) or INTERNAL; anything else is logged with
+its traceback and answered with a generic INTERNAL that reveals nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from store_svc.backends.base import BackendError, BackendUnavailable, ObjectNotFound
+from store_svc.errors import StoreError
+from store_svc.identity import caller_from_metadata, current_caller
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[str, grpc.StatusCode, float], None]
+"""Called once per RPC with (method name, final status code, seconds)."""
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any]]:
+    if isinstance(exc, StoreError):
+        return exc.code, str(exc), list(exc.details())
+    if isinstance(exc, ObjectNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc), []
+    if isinstance(exc, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"object store unavailable: {exc}", []
+    if isinstance(exc, BackendError):
+        return grpc.StatusCode.INTERNAL, f"object store error: {exc}", []
+    return grpc.StatusCode.INTERNAL, "internal error; the server log has the details", []
+
+
+def _to_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grpc.Status:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
+
+
+def _fail(context: grpc.ServicerContext, exc: Exception) -> grpc.StatusCode:
+    """Set the status for ``exc`` on the call (handlers never set one themselves)."""
+    code, message, details = _status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("RPC failed: %s", message, exc_info=exc)
+    context.set_code(code)
+    context.set_details(message)
+    context.set_trailing_metadata(_to_status(code, message, details).trailing_metadata)
+    return code
+
+
+class CallInterceptor(grpc.ServerInterceptor):
+    """Wraps each handler: ``current_caller`` is set from the call's metadata for the
+    handler's duration, errors are mapped to statuses, and ``observe`` sees the outcome."""
+
+    def __init__(self, observe: Observer) -> None:
+        self._observe = observe
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_call(method, handler.unary_unary), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_call(method, handler.stream_unary), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream), **kwargs
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream), **kwargs
+        )
+
+    def _wrap_call(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            token = current_caller.set(caller_from_metadata(context.invocation_metadata()))
+            try:
+                return behavior(request, context)
+            except Exception as exc:
+                code = _fail(context, exc)
+                return None
+            finally:
+                current_caller.reset(token)
+                self._observe(method, code, time.perf_counter() - start)
+
+        return wrapped
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            token = current_caller.set(caller_from_metadata(context.invocation_metadata()))
+            try:
+                yield from behavior(request, context)
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code = _fail(context, exc)
+            finally:
+                current_caller.reset(token)
+                self._observe(method, code, time.perf_counter() - start)
+
+        return wrapped

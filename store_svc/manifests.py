@@ -1,0 +1,141 @@
+"""Immutable manifests stored by the digest of their deterministic serialization.
+
+A manifest is committed only when every chunk it names is present, so a reader that can
+see a manifest can read all of it. The check and the write happen under the shared side
+of the repository's commit lock; garbage collection sweeps under the exclusive side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from clients._generated.deltavault.common.v1 import common_pb2
+from store_svc.backends.base import Backend, ObjectNotFound
+from store_svc.cas import ChunkStore
+from store_svc.digest import Algorithm, Digest
+from store_svc.errors import CorruptObject, InvalidArgument, MissingChunks, NotFound
+from store_svc.locking import SharedExclusiveLock
+
+MANIFEST_PREFIX = "manifests/"
+FORMAT_VERSION = 1
+
+
+def manifest_key(digest: Digest) -> str:
+    """Object key of a manifest: ``manifests/<algorithm>/<2 hex>/<64 hex>``."""
+    return f"{MANIFEST_PREFIX}{digest.algorithm.value}/{digest.hex[:2]}/{digest.hex}"
+
+
+def digest_from_manifest_key(key: str) -> Digest:
+    _, algorithm, _, hex_value = key.split("/")
+    return Digest(Algorithm(algorithm), bytes.fromhex(hex_value))
+
+
+def chunk_digests(manifest: common_pb2.Manifest) -> list[Digest]:
+    """Every chunk digest a manifest names, in order, without duplicates."""
+    seen = (
+        Digest.from_proto(chunk.digest)
+        for tensor in manifest.tensors
+        for part in tensor.parts
+        for chunk in part.chunks
+    )
+    return list(dict.fromkeys(seen))
+
+
+def serialize(manifest: common_pb2.Manifest) -> bytes:
+    return manifest.SerializeToString(deterministic=True)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    digest: Digest
+    already_present: bool
+    chunk_count: int
+    total_bytes: int
+
+
+class ManifestStore:
+    def __init__(self, backend: Backend, chunks: ChunkStore, lock: SharedExclusiveLock) -> None:
+        self._backend = backend
+        self._chunks = chunks
+        self._lock = lock
+
+    def commit(self, manifest: common_pb2.Manifest) -> CommitResult:
+        """Validate, check every chunk is present, and store. Idempotent."""
+        algorithm = validate(manifest)
+        data = serialize(manifest)
+        digest = Digest.of_manifest(data, algorithm)
+        digests = chunk_digests(manifest)
+        with self._lock.shared():
+            missing = self._chunks.missing(digests)
+            if missing:
+                raise MissingChunks(missing, context="manifest not committed")
+            written = self._backend.put_if_absent(manifest_key(digest), data)
+        total = sum(c.size for t in manifest.tensors for p in t.parts for c in p.chunks)
+        return CommitResult(digest, not written, len(digests), total)
+
+    def get(self, digest: Digest) -> common_pb2.Manifest:
+        """The manifest, verified against its digest. ``NotFound`` or ``CorruptObject``."""
+        try:
+            data = self._backend.get(manifest_key(digest))
+        except ObjectNotFound:
+            raise NotFound(f"no manifest {digest}") from None
+        if Digest.of_manifest(data, digest.algorithm) != digest:
+            raise CorruptObject(digest, "manifest digest mismatch")
+        manifest = common_pb2.Manifest()
+        try:
+            manifest.ParseFromString(data)
+        except DecodeError:
+            raise CorruptObject(digest, "manifest does not parse") from None
+        return manifest
+
+    def exists(self, digest: Digest) -> bool:
+        return self._backend.exists(manifest_key(digest))
+
+    def iter_digests(self) -> Iterator[Digest]:
+        for info in self._backend.list(MANIFEST_PREFIX):
+            yield digest_from_manifest_key(info.key)
+
+
+def validate(manifest: common_pb2.Manifest) -> Algorithm:
+    """Check a manifest's internal consistency; return its digest algorithm."""
+    if manifest.format_version != FORMAT_VERSION:
+        raise InvalidArgument(
+            f"manifest format_version {manifest.format_version} unsupported; use {FORMAT_VERSION}"
+        )
+    try:
+        algorithm = Algorithm.from_proto(manifest.digest_algorithm)
+    except ValueError as exc:
+        raise InvalidArgument(f"manifest digest_algorithm: {exc}") from None
+    names: set[str] = set()
+    for tensor in manifest.tensors:
+        if not tensor.name or tensor.name in names:
+            raise InvalidArgument(f"tensor name {tensor.name!r} is empty or repeated")
+        names.add(tensor.name)
+        _validate_tensor(tensor, algorithm)
+    return algorithm
+
+
+def _validate_tensor(tensor: common_pb2.TensorEntry, algorithm: Algorithm) -> None:
+    if any(dim < 0 for dim in tensor.shape):
+        raise InvalidArgument(f"tensor {tensor.name!r} has a negative dimension")
+    if tensor.nbits != sum(part.nbits for part in tensor.parts):
+        raise InvalidArgument(f"tensor {tensor.name!r}: nbits is not the sum of its parts' nbits")
+    for part in tensor.parts:
+        if part.byte_length != sum(chunk.size for chunk in part.chunks):
+            raise InvalidArgument(
+                f"tensor {tensor.name!r} part {part.name!r}: byte_length is not the sum of "
+                "its chunk sizes"
+            )
+        for chunk in part.chunks:
+            try:
+                digest = Digest.from_proto(chunk.digest)
+            except ValueError as exc:
+                raise InvalidArgument(f"tensor {tensor.name!r}: {exc}") from None
+            if digest.algorithm is not algorithm:
+                raise InvalidArgument(
+                    f"tensor {tensor.name!r}: chunk {digest} is not {algorithm.value} like the "
+                    "manifest's digest_algorithm"
+                )

@@ -1,0 +1,170 @@
+"""Refs: mutable names (``namespace/name``) pointing at manifest digests.
+
+Backends offer only write-once objects, and that is enough for compare-and-swap. Each ref
+is a log of numbered versions, ``refs/<namespace>/<name>/<20-digit seq>``, each holding a
+target digest or a tombstone. Updating a ref writes version ``latest + 1`` with
+``put_if_absent``: of two racing writers that read the same latest version, exactly one
+creates the next one and the other gets ``RefConflict``. Older versions are deleted after
+a successful write; tombstones are kept, so a ref's sequence never restarts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from store_svc.backends.base import Backend, ObjectNotFound
+from store_svc.digest import Digest
+from store_svc.errors import InvalidArgument, RefConflict
+
+REF_PREFIX = "refs/"
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_REF_PATTERN = re.compile(rf"^({_SEGMENT})/({_SEGMENT})$")
+_NAMESPACE_PREFIX_PATTERN = re.compile(rf"^({_SEGMENT}(/([A-Za-z0-9._-]{{0,128}}))?)?$")
+_SEQ_DIGITS = 20
+_TOMBSTONE = b"deleted\n"
+# Bytes that sort after every sequence digit: the key just past all of a ref's versions.
+_AFTER_VERSIONS = "~"
+_MAX_READ_RETRIES = 8
+
+
+@dataclass(frozen=True, order=True)
+class RefName:
+    """A validated ref name: ``namespace/name``, each segment ``[A-Za-z0-9][A-Za-z0-9._-]*``."""
+
+    namespace: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> RefName:
+        match = _REF_PATTERN.match(text)
+        if not match:
+            raise InvalidArgument(
+                f"ref {text!r} must be 'namespace/name', each part 1-128 characters of "
+                "letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return cls(match.group(1), match.group(2))
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def key_prefix(self) -> str:
+        return f"{REF_PREFIX}{self.namespace}/{self.name}/"
+
+
+@dataclass(frozen=True)
+class _Version:
+    seq: int
+    target: Digest | None  # None: tombstone
+
+
+class RefStore:
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def resolve(self, ref: RefName) -> Digest | None:
+        """The ref's target, or None if it does not exist."""
+        latest = self._latest(ref)
+        return latest.target if latest else None
+
+    def update(
+        self, ref: RefName, target: Digest, expected: Digest | None, *, force: bool = False
+    ) -> Digest | None:
+        """Point ``ref`` at ``target`` if it points at ``expected`` (None: absent).
+
+        With ``force`` the current target is ignored. Returns the previous target.
+        Raises ``RefConflict`` when the ref moved.
+        """
+        return self._write(ref, target, expected, force=force)
+
+    def delete(self, ref: RefName, expected: Digest | None) -> Digest:
+        """Remove ``ref`` (if ``expected`` is given, only while it points there).
+
+        Returns the previous target. ``RefConflict`` if it is absent or moved.
+        """
+        current = self.resolve(ref)
+        if current is None or (expected is not None and current != expected):
+            raise RefConflict(str(ref), expected, current)
+        previous = self._write(ref, None, current, force=False)
+        assert previous is not None  # guaranteed by the compare-and-swap above
+        return previous
+
+    def list(
+        self, prefix: str = "", start_after: RefName | None = None
+    ) -> Iterator[tuple[RefName, Digest]]:
+        """Live refs whose ``namespace/name`` starts with ``prefix``, in key order."""
+        if not _NAMESPACE_PREFIX_PATTERN.match(prefix):
+            raise InvalidArgument(f"ref prefix {prefix!r} is not a valid ref prefix")
+        after = f"{start_after.key_prefix}{_AFTER_VERSIONS}" if start_after else ""
+        current: RefName | None = None
+        newest_key = ""
+        for info in self._backend.list(REF_PREFIX + prefix, start_after=after):
+            ref = _ref_of_key(info.key)
+            if ref != current and current is not None:
+                yield from self._live(current, newest_key)
+            current, newest_key = ref, info.key
+        if current is not None:
+            yield from self._live(current, newest_key)
+
+    def all_targets(self) -> Iterator[Digest]:
+        """Targets of every live ref: the roots of garbage collection."""
+        for _, target in self.list():
+            yield target
+
+    def _live(self, ref: RefName, key: str) -> Iterator[tuple[RefName, Digest]]:
+        try:
+            target = _parse_target(self._backend.get(key))
+        except ObjectNotFound:  # superseded and compacted meanwhile: read it afresh
+            target = self.resolve(ref)
+        if target is not None:
+            yield ref, target
+
+    def _write(
+        self, ref: RefName, target: Digest | None, expected: Digest | None, *, force: bool
+    ) -> Digest | None:
+        while True:
+            latest = self._latest(ref)
+            current = latest.target if latest else None
+            if not force and current != expected:
+                raise RefConflict(str(ref), expected, current)
+            seq = latest.seq + 1 if latest else 0
+            body = _TOMBSTONE if target is None else f"{target}\n".encode()
+            if self._backend.put_if_absent(_version_key(ref, seq), body):
+                self._compact(ref, seq)
+                return current
+            if not force:  # another writer created this version first
+                raise RefConflict(str(ref), expected, self.resolve(ref))
+
+    def _latest(self, ref: RefName) -> _Version | None:
+        for _ in range(_MAX_READ_RETRIES):
+            keys = [info.key for info in self._backend.list(ref.key_prefix)]
+            if not keys:
+                return None
+            try:
+                body = self._backend.get(keys[-1])
+            except ObjectNotFound:  # compacted between list and get: list again
+                continue
+            return _Version(int(keys[-1].rsplit("/", 1)[1]), _parse_target(body))
+        raise RefConflict(str(ref), None, None)
+
+    def _compact(self, ref: RefName, newest: int) -> None:
+        for info in self._backend.list(ref.key_prefix):
+            if int(info.key.rsplit("/", 1)[1]) < newest:
+                self._backend.delete(info.key)
+
+
+def _version_key(ref: RefName, seq: int) -> str:
+    return f"{ref.key_prefix}{seq:0{_SEQ_DIGITS}d}"
+
+
+def _ref_of_key(key: str) -> RefName:
+    _, namespace, name, _ = key.split("/")
+    return RefName(namespace, name)
+
+
+def _parse_target(body: bytes) -> Digest | None:
+    if body == _TOMBSTONE:
+        return None
+    return Digest.parse(body.decode().strip())

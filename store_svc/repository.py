@@ -1,0 +1,111 @@
+"""The store's data plane: chunks, manifests, refs, GC and verification over one backend.
+
+The gRPC servicer only translates messages to calls on a ``Repository``; anything that
+decides something lives here or in the modules it composes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clients._generated.deltavault.common.v1 import common_pb2
+from store_svc.backends.base import Backend, BackendError
+from store_svc.cas import ChunkStore, CompressionPolicy, chunk_key
+from store_svc.digest import Digest
+from store_svc.errors import ChunkNotFound, CorruptObject, FailedPrecondition, StoreError
+from store_svc.gc import GarbageCollector, GcStats
+from store_svc.locking import SharedExclusiveLock
+from store_svc.manifests import CommitResult, ManifestStore, chunk_digests, manifest_key
+from store_svc.refs import RefName, RefStore
+
+
+@dataclass(frozen=True)
+class Damage:
+    key: str
+    digest: Digest
+    problem: str
+
+
+@dataclass
+class VerifyReport:
+    chunks_checked: int = 0
+    manifests_checked: int = 0
+    bytes_checked: int = 0
+    damaged: list[Damage] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RefMove:
+    """Move ``ref`` to a new target if it points at ``expected`` (None: absent), or always."""
+
+    ref: RefName
+    expected: Digest | None
+    force: bool = False
+
+
+class Repository:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_chunk_bytes: int,
+        compression: CompressionPolicy = CompressionPolicy.AUTO,
+    ) -> None:
+        self.backend = backend
+        lock = SharedExclusiveLock()
+        self.chunks = ChunkStore(backend, policy=compression, max_chunk_bytes=max_chunk_bytes)
+        self.manifests = ManifestStore(backend, self.chunks, lock)
+        self.refs = RefStore(backend)
+        self._gc = GarbageCollector(backend, self.manifests, self.refs, lock)
+
+    def commit(
+        self, manifest: common_pb2.Manifest, move: RefMove | None = None
+    ) -> tuple[CommitResult, Digest | None]:
+        """Store a manifest and optionally move a ref to it; returns the ref's old target."""
+        result = self.manifests.commit(manifest)
+        previous = None
+        if move is not None:
+            previous = self.refs.update(move.ref, result.digest, move.expected, force=move.force)
+        return result, previous
+
+    def update_ref(self, target: Digest, move: RefMove) -> Digest | None:
+        """Point a ref at a stored manifest (compare-and-swap); returns the old target."""
+        if not self.manifests.exists(target):
+            raise FailedPrecondition(f"no manifest {target}: commit it before pointing a ref at it")
+        return self.refs.update(move.ref, target, move.expected, force=move.force)
+
+    def collect_garbage(self, *, grace_seconds: float, dry_run: bool) -> GcStats:
+        return self._gc.collect(grace_seconds=grace_seconds, dry_run=dry_run)
+
+    def verify(self, manifest: Digest | None = None) -> VerifyReport:
+        """Re-hash one manifest and its chunks, or every stored object."""
+        report = VerifyReport()
+        if manifest is not None:
+            chunks = self._verify_manifest(manifest, report)
+        else:
+            for digest in list(self.manifests.iter_digests()):
+                self._verify_manifest(digest, report)
+            chunks = list(self.chunks.iter_digests())
+        for digest in chunks:
+            self._verify_chunk(digest, report)
+        return report
+
+    def _verify_manifest(self, digest: Digest, report: VerifyReport) -> list[Digest]:
+        report.manifests_checked += 1
+        try:
+            manifest = self.manifests.get(digest)
+        except StoreError as exc:
+            report.damaged.append(Damage(manifest_key(digest), digest, str(exc)))
+            return []
+        return chunk_digests(manifest)
+
+    def _verify_chunk(self, digest: Digest, report: VerifyReport) -> None:
+        report.chunks_checked += 1
+        try:
+            report.bytes_checked += len(self.chunks.get(digest))
+        except ChunkNotFound:
+            report.damaged.append(Damage(chunk_key(digest), digest, "missing"))
+        except CorruptObject as exc:
+            report.damaged.append(Damage(chunk_key(digest), digest, exc.reason))
+        except BackendError as exc:
+            report.damaged.append(Damage(chunk_key(digest), digest, f"unreadable: {exc}"))

@@ -1,0 +1,147 @@
+"""Build and run the store's gRPC server: servicer, health, reflection, metrics, limits."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import FrameType
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
+from store_svc.backends.base import Backend
+from store_svc.backends.instrumented import InstrumentedBackend
+from store_svc.config import BackendKind, StoreConfig
+from store_svc.interceptors import CallInterceptor
+from store_svc.metrics import StoreMetrics
+from store_svc.repository import Repository
+from store_svc.service import DeltaStoreServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["DeltaStore"].full_name
+
+
+def open_backend(config: StoreConfig) -> Backend:
+    """The backend the configuration names (S3 creates its bucket if allowed)."""
+    if config.backend is BackendKind.LOCAL:
+        from store_svc.backends.local import LocalBackend  # noqa: PLC0415
+
+        assert config.root is not None  # checked by StoreConfig
+        return LocalBackend(config.root)
+    from store_svc.backends.s3 import S3Backend  # noqa: PLC0415
+
+    s3 = config.s3
+    assert s3 is not None  # checked by StoreConfig
+    return S3Backend(
+        s3.endpoint,
+        s3.bucket,
+        s3.access_key,
+        s3.secret_key,
+        secure=s3.secure,
+        region=s3.region,
+        create_bucket=s3.create_bucket,
+        prefix=s3.prefix,
+    )
+
+
+@dataclass
+class StoreServer:
+    """A built, not yet started, store server. ``port``/``metrics_port`` are the bound ones."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    backend: Backend
+    metrics: StoreMetrics
+    config: StoreConfig
+    metrics_port: int | None = None
+    _metrics_http: WSGIServer | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        if self.config.metrics_port >= 0:
+            http, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
+            )
+            self._metrics_http, self.metrics_port = http, http.server_port
+        self.server.start()
+        for name in (SERVICE_NAME, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within ``grace``, then close."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self.backend.close()
+
+
+def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreServer:
+    metrics = StoreMetrics()
+    backend = InstrumentedBackend(backend or open_backend(config), metrics)
+    repo = Repository(
+        backend, max_chunk_bytes=config.max_chunk_bytes, compression=config.compression
+    )
+
+    def observe(method: str, code: grpc.StatusCode, seconds: float) -> None:
+        metrics.rpc_requests.labels(method, code.name).inc()
+        metrics.rpc_duration.labels(method).observe(seconds)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="store-rpc"),
+        interceptors=[CallInterceptor(observe)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    store_pb2_grpc.add_DeltaStoreServicer_to_server(
+        DeltaStoreServicer(repo, config, metrics), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return StoreServer(server, port, health_servicer, backend, metrics, config)
+
+
+def serve(config: StoreConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    store = build_server(config)
+    store.start()
+    log.info(
+        "delta store serving on %s:%d (metrics on %s), backend %s",
+        config.host,
+        store.port,
+        store.metrics_port,
+        config.backend.value,
+    )
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.info("signal %d: draining in-flight calls", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    store.stop()
+    log.info("stopped")

@@ -1,0 +1,206 @@
+"""DeltaStore servicer: translates between protobuf messages and the ``Repository``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from clients._generated.deltavault.common.v1 import common_pb2
+from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
+from store_svc.config import StoreConfig
+from store_svc.digest import Digest
+from store_svc.errors import InvalidArgument, NotFound, PermissionDenied
+from store_svc.identity import current_caller
+from store_svc.metrics import StoreMetrics
+from store_svc.refs import RefName
+from store_svc.repository import RefMove, Repository
+from store_svc.uploads import ChunkAssembler
+
+
+def _digest(message: common_pb2.Digest, what: str) -> Digest:
+    try:
+        return Digest.from_proto(message)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what}: {exc}") from None
+
+
+def _optional_digest(present: bool, message: common_pb2.Digest, what: str) -> Digest | None:
+    """A digest field that may be unset (meaning "absent", e.g. an expected ref target)."""
+    return _digest(message, what) if present else None
+
+
+def _ref(text: str) -> RefName:
+    """A ref name the caller may use."""
+    ref = RefName.parse(text)
+    caller = current_caller.get()
+    if not caller.may_use(ref.namespace):
+        raise PermissionDenied(f"{caller.principal} may not use namespace {ref.namespace!r}")
+    return ref
+
+
+def _prefix_allowed(prefix: str) -> None:
+    caller = current_caller.get()
+    namespace = prefix.split("/", 1)[0]
+    if caller.namespaces is not None and ("/" not in prefix or not caller.may_use(namespace)):
+        raise PermissionDenied(f"{caller.principal} may list only within its own namespaces")
+
+
+class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
+    def __init__(self, repo: Repository, config: StoreConfig, metrics: StoreMetrics) -> None:
+        self._repo = repo
+        self._config = config
+        self._metrics = metrics
+
+    def MissingChunks(
+        self, request: store_pb2.MissingChunksRequest, context: grpc.ServicerContext
+    ) -> store_pb2.MissingChunksResponse:
+        digests = [_digest(d, "digests") for d in request.digests]
+        missing = self._repo.chunks.missing(digests)
+        return store_pb2.MissingChunksResponse(missing=[d.to_proto() for d in missing])
+
+    def PutChunks(
+        self, request_iterator: Iterable[store_pb2.PutChunksRequest], context: grpc.ServicerContext
+    ) -> store_pb2.PutChunksResponse:
+        assembler = ChunkAssembler(self._repo.chunks, self._config.max_frame_bytes)
+        for frame in request_iterator:
+            written = assembler.feed(
+                _digest(frame.digest, "digest"), frame.total_size, frame.offset, frame.data
+            )
+            self._metrics.received_bytes.inc(len(frame.data))
+            if written is True:
+                self._metrics.chunks_written.inc()
+            elif written is False:
+                self._metrics.chunks_deduplicated.inc()
+        stats = assembler.close()
+        return store_pb2.PutChunksResponse(
+            chunks_written=stats.chunks_written,
+            chunks_deduplicated=stats.chunks_deduplicated,
+            bytes_written=stats.bytes_written,
+            bytes_received=stats.bytes_received,
+        )
+
+    def GetChunks(
+        self, request: store_pb2.GetChunksRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb2.GetChunksResponse]:
+        ranges = [(_digest(r.digest, "ranges.digest"), r.offset, r.length) for r in request.ranges]
+        frame = self._config.max_frame_bytes
+        for digest, offset, length in ranges:
+            data = self._repo.chunks.get(digest)  # verified before a byte is sent
+            end = len(data) if length == 0 else offset + length
+            if offset > len(data) or end > len(data):
+                raise InvalidArgument(
+                    f"range [{offset}, {end}) is outside chunk {digest} of {len(data)} bytes"
+                )
+            view = memoryview(data)
+            start = offset
+            while True:
+                stop = min(start + frame, end)
+                self._metrics.sent_bytes.inc(stop - start)
+                yield store_pb2.GetChunksResponse(
+                    digest=digest.to_proto(),
+                    offset=start,
+                    data=bytes(view[start:stop]),
+                    last=stop == end,
+                )
+                if stop == end:
+                    break
+                start = stop
+
+    def CommitManifest(
+        self, request: store_pb2.CommitManifestRequest, context: grpc.ServicerContext
+    ) -> store_pb2.CommitManifestResponse:
+        move = None
+        if request.ref:
+            expected = _optional_digest(
+                request.HasField("expected_ref_target"),
+                request.expected_ref_target,
+                "expected_ref_target",
+            )
+            move = RefMove(_ref(request.ref), expected, request.force_ref)
+        result, _ = self._repo.commit(request.manifest, move)
+        return store_pb2.CommitManifestResponse(
+            digest=result.digest.to_proto(),
+            already_present=result.already_present,
+            chunk_count=result.chunk_count,
+            total_bytes=result.total_bytes,
+        )
+
+    def GetManifest(
+        self, request: store_pb2.GetManifestRequest, context: grpc.ServicerContext
+    ) -> store_pb2.GetManifestResponse:
+        digest = _digest(request.digest, "digest")
+        manifest = self._repo.manifests.get(digest)
+        return store_pb2.GetManifestResponse(manifest=manifest, digest=digest.to_proto())
+
+    def UpdateRef(
+        self, request: store_pb2.UpdateRefRequest, context: grpc.ServicerContext
+    ) -> store_pb2.UpdateRefResponse:
+        ref = _ref(request.ref)
+        target = _digest(request.target, "target")
+        expected = _optional_digest(request.HasField("expected"), request.expected, "expected")
+        previous = self._repo.update_ref(target, RefMove(ref, expected, request.force))
+        response = store_pb2.UpdateRefResponse()
+        if previous is not None:
+            response.previous.CopyFrom(previous.to_proto())
+        return response
+
+    def ResolveRef(
+        self, request: store_pb2.ResolveRefRequest, context: grpc.ServicerContext
+    ) -> store_pb2.ResolveRefResponse:
+        ref = _ref(request.ref)
+        target = self._repo.refs.resolve(ref)
+        if target is None:
+            raise NotFound(f"no ref {ref}")
+        return store_pb2.ResolveRefResponse(target=target.to_proto())
+
+    def ListRefs(
+        self, request: store_pb2.ListRefsRequest, context: grpc.ServicerContext
+    ) -> store_pb2.ListRefsResponse:
+        _prefix_allowed(request.prefix)
+        limit = min(request.page_size or self._config.list_page_size, self._config.list_page_size)
+        after = RefName.parse(request.page_token) if request.page_token else None
+        response = store_pb2.ListRefsResponse()
+        for ref, target in self._repo.refs.list(request.prefix, start_after=after):
+            if len(response.refs) == limit:
+                response.next_page_token = response.refs[-1].ref
+                break
+            response.refs.add(ref=str(ref), target=target.to_proto())
+        return response
+
+    def DeleteRef(
+        self, request: store_pb2.DeleteRefRequest, context: grpc.ServicerContext
+    ) -> store_pb2.DeleteRefResponse:
+        ref = _ref(request.ref)
+        expected = _optional_digest(request.HasField("expected"), request.expected, "expected")
+        if expected is None and self._repo.refs.resolve(ref) is None:
+            raise NotFound(f"no ref {ref}")
+        previous = self._repo.refs.delete(ref, expected)
+        return store_pb2.DeleteRefResponse(previous=previous.to_proto())
+
+    def CollectGarbage(
+        self, request: store_pb2.CollectGarbageRequest, context: grpc.ServicerContext
+    ) -> store_pb2.CollectGarbageResponse:
+        grace = request.grace_period_seconds or self._config.gc_grace_seconds
+        stats = self._repo.collect_garbage(grace_seconds=grace, dry_run=request.dry_run)
+        self._metrics.gc_runs.labels("dry_run" if stats.dry_run else "sweep").inc()
+        if not stats.dry_run:
+            self._metrics.gc_freed_bytes.inc(stats.bytes_freed)
+        return store_pb2.CollectGarbageResponse(**vars(stats))
+
+    def Verify(
+        self, request: store_pb2.VerifyRequest, context: grpc.ServicerContext
+    ) -> store_pb2.VerifyResponse:
+        manifest = _optional_digest(request.HasField("manifest"), request.manifest, "manifest")
+        if manifest is not None and not self._repo.manifests.exists(manifest):
+            raise NotFound(f"no manifest {manifest}")
+        report = self._repo.verify(manifest)
+        return store_pb2.VerifyResponse(
+            chunks_checked=report.chunks_checked,
+            manifests_checked=report.manifests_checked,
+            bytes_checked=report.bytes_checked,
+            damaged=[
+                store_pb2.DamagedObject(key=d.key, digest=d.digest.to_proto(), problem=d.problem)
+                for d in report.damaged
+            ],
+        )

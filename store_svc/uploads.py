@@ -1,0 +1,88 @@
+"""Assemble uploaded chunk frames into whole chunks, verify and store each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from store_svc.cas import ChunkStore
+from store_svc.digest import Digest
+from store_svc.errors import ChunkDigestMismatch, FrameTooLarge, InvalidArgument
+
+
+@dataclass
+class UploadStats:
+    chunks_written: int = 0
+    chunks_deduplicated: int = 0
+    bytes_written: int = 0
+    bytes_received: int = 0
+
+
+class ChunkAssembler:
+    """Feed frames in order; each chunk is hashed as it arrives and stored when complete.
+
+    Frames of one chunk carry the same digest and total size and contiguous offsets; a
+    chunk's frames must not interleave with another's. Nothing of a chunk is written until
+    all of it has arrived and hashes to its digest.
+    """
+
+    def __init__(self, chunks: ChunkStore, max_frame_bytes: int) -> None:
+        self._chunks = chunks
+        self._max_frame_bytes = max_frame_bytes
+        self.stats = UploadStats()
+        self._digest: Digest | None = None
+        self._total = 0
+        self._buffer = bytearray()
+
+    def feed(self, digest: Digest, total_size: int, offset: int, data: bytes) -> bool | None:
+        """Add one frame. Returns whether a completed chunk was newly written, or None."""
+        if len(data) > self._max_frame_bytes:
+            raise FrameTooLarge(
+                f"frame of {len(data)} bytes exceeds the limit of {self._max_frame_bytes}"
+            )
+        self.stats.bytes_received += len(data)
+        if self._digest is None:
+            self._start(digest, total_size)
+        elif digest != self._digest or total_size != self._total:
+            raise InvalidArgument(
+                f"frame for {digest} arrived before chunk {self._digest} was complete"
+            )
+        if offset != len(self._buffer):
+            raise InvalidArgument(
+                f"chunk {digest}: frame at offset {offset}, expected {len(self._buffer)}"
+            )
+        if offset + len(data) > total_size:
+            raise InvalidArgument(f"chunk {digest}: frames run past total_size {total_size}")
+        self._buffer += data
+        return self._finish() if len(self._buffer) == total_size else None
+
+    def close(self) -> UploadStats:
+        """End of stream: refuse a half-sent chunk."""
+        if self._digest is not None:
+            raise InvalidArgument(
+                f"stream ended with chunk {self._digest} incomplete "
+                f"({len(self._buffer)} of {self._total} bytes); nothing of it was written"
+            )
+        return self.stats
+
+    def _start(self, digest: Digest, total_size: int) -> None:
+        if total_size > self._chunks.max_chunk_bytes:
+            raise FrameTooLarge(
+                f"chunk of {total_size} bytes exceeds the limit of {self._chunks.max_chunk_bytes}"
+            )
+        self._digest, self._total = digest, total_size
+        self._buffer = bytearray()
+
+    def _finish(self) -> bool:
+        digest, data = self._digest, bytes(self._buffer)
+        assert digest is not None
+        self._digest, self._buffer = None, bytearray()
+        actual = Digest.of(data, digest.algorithm)
+        if actual != digest:
+            raise ChunkDigestMismatch(digest, actual)
+        result = self._chunks.put(digest, data, verified=True)
+        if result.written:
+            self.stats.chunks_written += 1
+            self.stats.bytes_written += len(data)
+        else:
+            self.stats.chunks_deduplicated += 1
+        return result.written
