@@ -113,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"RPCs served at once (default {_DEFAULTS.workers})",
     )
     p.add_argument(
+        "--io-threads",
+        type=int,
+        default=_env("io-threads", _DEFAULTS.io_threads),
+        help=f"threads doing backend I/O for streams (default {_DEFAULTS.io_threads})",
+    )
+    p.add_argument(
+        "--stream-window",
+        type=int,
+        default=_env("stream-window", _DEFAULTS.stream_window),
+        help="chunks each stream writes or prefetches at once "
+        f"(default {_DEFAULTS.stream_window})",
+    )
+    p.add_argument(
         "--shutdown-grace-seconds",
         type=float,
         default=_env("shutdown-grace-seconds", _DEFAULTS.shutdown_grace_seconds),
@@ -151,6 +164,8 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
         compression=CompressionPolicy(args.compression),
         gc_grace_seconds=float(args.gc_grace_seconds),
         workers=int(args.workers),
+        io_threads=int(args.io_threads),
+        stream_window=int(args.stream_window),
         shutdown_grace_seconds=float(args.shutdown_grace_seconds),
     )
 

@@ -25,6 +25,8 @@ _HEADER_SIZE = len(_MAGIC) + 2
 # zstd is kept only when it saves at least this fraction: packed low-bit codes are close to
 # uniform and gain nothing, so most chunks are stored raw and read back without a decode.
 _MIN_ZSTD_SAVING = 0.03
+# `auto` first compresses this much of a chunk and skips zstd if the sample does not shrink.
+_ZSTD_PROBE_BYTES = 256 * 1024
 _EXISTS_PARALLELISM = 16
 
 
@@ -122,12 +124,21 @@ class ChunkStore:
 
     def _encode(self, raw: bytes) -> bytes:
         codec, payload = Codec.RAW, raw
-        if self._policy is not CompressionPolicy.NONE and raw:
+        if self._policy is CompressionPolicy.ZSTD or (
+            self._policy is CompressionPolicy.AUTO and self._compresses(raw[:_ZSTD_PROBE_BYTES])
+        ):
             packed = zstandard.ZstdCompressor(level=self._zstd_level).compress(raw)
-            saves = len(packed) <= len(raw) * (1 - _MIN_ZSTD_SAVING)
-            if self._policy is CompressionPolicy.ZSTD or saves:
+            if self._policy is CompressionPolicy.ZSTD or self._saves(len(raw), len(packed)):
                 codec, payload = Codec.ZSTD, packed
         return _MAGIC + bytes((_FORMAT_VERSION, codec)) + payload
+
+    def _compresses(self, sample: bytes) -> bool:
+        packed = zstandard.ZstdCompressor(level=self._zstd_level).compress(sample)
+        return bool(sample) and self._saves(len(sample), len(packed))
+
+    @staticmethod
+    def _saves(raw_size: int, packed_size: int) -> bool:
+        return packed_size <= raw_size * (1 - _MIN_ZSTD_SAVING)
 
     def _decode(self, digest: Digest, stored: bytes) -> bytes:
         if len(stored) < _HEADER_SIZE or stored[:3] != _MAGIC:

@@ -56,6 +56,10 @@ class StoreConfig:
     """Default and largest page of ListRefs."""
     workers: int = 16
     """Threads serving RPCs: the number of calls handled at once."""
+    io_threads: int = 32
+    """Threads doing backend reads and writes on behalf of streams."""
+    stream_window: int = 4
+    """Chunks each stream writes or prefetches concurrently, overlapping network and storage."""
     shutdown_grace_seconds: float = 30.0
     """On SIGTERM, in-flight calls get this long to finish."""
 
@@ -66,8 +70,8 @@ class StoreConfig:
             raise ValueError("the s3 backend needs --endpoint, --bucket and credentials")
         if not 0 < self.max_frame_bytes <= self.max_chunk_bytes:
             raise ValueError("need 0 < max_frame_bytes <= max_chunk_bytes")
-        if self.workers < 1:
-            raise ValueError("workers must be at least 1")
+        if min(self.workers, self.io_threads, self.stream_window) < 1:
+            raise ValueError("workers, io_threads and stream_window must be at least 1")
 
     @property
     def max_message_bytes(self) -> int:

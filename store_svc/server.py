@@ -62,6 +62,7 @@ class StoreServer:
     backend: Backend
     metrics: StoreMetrics
     config: StoreConfig
+    io: futures.ThreadPoolExecutor
     metrics_port: int | None = None
     _metrics_http: WSGIServer | None = field(default=None, repr=False)
 
@@ -79,6 +80,7 @@ class StoreServer:
         """Report NOT_SERVING, let in-flight calls finish within ``grace``, then close."""
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace).wait()
+        self.io.shutdown(wait=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self.backend.close()
@@ -103,8 +105,9 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
+    io = futures.ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="store-io")
     store_pb2_grpc.add_DeltaStoreServicer_to_server(
-        DeltaStoreServicer(repo, config, metrics), server
+        DeltaStoreServicer(repo, config, metrics, io), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -119,7 +122,7 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
-    return StoreServer(server, port, health_servicer, backend, metrics, config)
+    return StoreServer(server, port, health_servicer, backend, metrics, config, io)
 
 
 def serve(config: StoreConfig) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from typing import TypeVar
 
 import grpc
 
@@ -16,6 +19,22 @@ from store_svc.metrics import StoreMetrics
 from store_svc.refs import RefName
 from store_svc.repository import RefMove, Repository
 from store_svc.uploads import ChunkAssembler
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetch(
+    executor: Executor, fetch: Callable[[T], R], keys: Sequence[T], window: int
+) -> Iterator[R]:
+    """``fetch(key)`` for each key, in order, running up to ``window`` fetches ahead."""
+    pending: deque[Future[R]] = deque()
+    for key in keys:
+        pending.append(executor.submit(fetch, key))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _digest(message: common_pb2.Digest, what: str) -> Digest:
@@ -47,10 +66,13 @@ def _prefix_allowed(prefix: str) -> None:
 
 
 class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
-    def __init__(self, repo: Repository, config: StoreConfig, metrics: StoreMetrics) -> None:
+    def __init__(
+        self, repo: Repository, config: StoreConfig, metrics: StoreMetrics, io: Executor
+    ) -> None:
         self._repo = repo
         self._config = config
         self._metrics = metrics
+        self._io = io
 
     def MissingChunks(
         self, request: store_pb2.MissingChunksRequest, context: grpc.ServicerContext
@@ -62,17 +84,17 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
     def PutChunks(
         self, request_iterator: Iterable[store_pb2.PutChunksRequest], context: grpc.ServicerContext
     ) -> store_pb2.PutChunksResponse:
-        assembler = ChunkAssembler(self._repo.chunks, self._config.max_frame_bytes)
+        assembler = ChunkAssembler(
+            self._repo.chunks, self._config.max_frame_bytes, self._io, self._config.stream_window
+        )
         for frame in request_iterator:
-            written = assembler.feed(
+            self._metrics.received_bytes.inc(len(frame.data))
+            assembler.feed(
                 _digest(frame.digest, "digest"), frame.total_size, frame.offset, frame.data
             )
-            self._metrics.received_bytes.inc(len(frame.data))
-            if written is True:
-                self._metrics.chunks_written.inc()
-            elif written is False:
-                self._metrics.chunks_deduplicated.inc()
         stats = assembler.close()
+        self._metrics.chunks_written.inc(stats.chunks_written)
+        self._metrics.chunks_deduplicated.inc(stats.chunks_deduplicated)
         return store_pb2.PutChunksResponse(
             chunks_written=stats.chunks_written,
             chunks_deduplicated=stats.chunks_deduplicated,
@@ -85,8 +107,11 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
     ) -> Iterator[store_pb2.GetChunksResponse]:
         ranges = [(_digest(r.digest, "ranges.digest"), r.offset, r.length) for r in request.ranges]
         frame = self._config.max_frame_bytes
-        for digest, offset, length in ranges:
-            data = self._repo.chunks.get(digest)  # verified before a byte is sent
+        fetched = prefetch(
+            self._io, self._repo.chunks.get, [d for d, _, _ in ranges], self._config.stream_window
+        )
+        for (digest, offset, length), data in zip(ranges, fetched, strict=True):
+            # chunks.get verified the bytes before any of them is sent
             end = len(data) if length == 0 else offset + length
             if offset > len(data) or end > len(data):
                 raise InvalidArgument(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
-from store_svc.cas import ChunkStore
+from store_svc.cas import ChunkStore, PutResult
 from store_svc.digest import Digest
 from store_svc.errors import ChunkDigestMismatch, FrameTooLarge, InvalidArgument
 
@@ -22,19 +24,25 @@ class ChunkAssembler:
 
     Frames of one chunk carry the same digest and total size and contiguous offsets; a
     chunk's frames must not interleave with another's. Nothing of a chunk is written until
-    all of it has arrived and hashes to its digest.
+    all of it has arrived and hashes to its digest. Verified chunks are written on
+    ``executor`` while the next ones arrive, at most ``max_in_flight`` at a time.
     """
 
-    def __init__(self, chunks: ChunkStore, max_frame_bytes: int) -> None:
+    def __init__(
+        self, chunks: ChunkStore, max_frame_bytes: int, executor: Executor, max_in_flight: int
+    ) -> None:
         self._chunks = chunks
         self._max_frame_bytes = max_frame_bytes
+        self._executor = executor
+        self._max_in_flight = max_in_flight
+        self._writes: deque[tuple[int, Future[PutResult]]] = deque()
         self.stats = UploadStats()
         self._digest: Digest | None = None
         self._total = 0
         self._buffer = bytearray()
 
-    def feed(self, digest: Digest, total_size: int, offset: int, data: bytes) -> bool | None:
-        """Add one frame. Returns whether a completed chunk was newly written, or None."""
+    def feed(self, digest: Digest, total_size: int, offset: int, data: bytes) -> None:
+        """Add one frame; a chunk it completes is verified and queued for writing."""
         if len(data) > self._max_frame_bytes:
             raise FrameTooLarge(
                 f"frame of {len(data)} bytes exceeds the limit of {self._max_frame_bytes}"
@@ -53,15 +61,18 @@ class ChunkAssembler:
         if offset + len(data) > total_size:
             raise InvalidArgument(f"chunk {digest}: frames run past total_size {total_size}")
         self._buffer += data
-        return self._finish() if len(self._buffer) == total_size else None
+        if len(self._buffer) == total_size:
+            self._finish()
 
     def close(self) -> UploadStats:
-        """End of stream: refuse a half-sent chunk."""
+        """End of stream: refuse a half-sent chunk, wait for every write to land."""
         if self._digest is not None:
             raise InvalidArgument(
                 f"stream ended with chunk {self._digest} incomplete "
                 f"({len(self._buffer)} of {self._total} bytes); nothing of it was written"
             )
+        while self._writes:
+            self._collect()
         return self.stats
 
     def _start(self, digest: Digest, total_size: int) -> None:
@@ -72,17 +83,23 @@ class ChunkAssembler:
         self._digest, self._total = digest, total_size
         self._buffer = bytearray()
 
-    def _finish(self) -> bool:
+    def _finish(self) -> None:
         digest, data = self._digest, bytes(self._buffer)
         assert digest is not None
         self._digest, self._buffer = None, bytearray()
         actual = Digest.of(data, digest.algorithm)
         if actual != digest:
             raise ChunkDigestMismatch(digest, actual)
-        result = self._chunks.put(digest, data, verified=True)
-        if result.written:
+        write = self._executor.submit(self._chunks.put, digest, data, verified=True)
+        self._writes.append((len(data), write))
+        while len(self._writes) > self._max_in_flight:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Wait for the oldest write; its failure fails the upload."""
+        size, write = self._writes.popleft()
+        if write.result().written:
             self.stats.chunks_written += 1
-            self.stats.bytes_written += len(data)
+            self.stats.bytes_written += size
         else:
             self.stats.chunks_deduplicated += 1
-        return result.written
