@@ -122,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-window",
         type=int,
         default=_env("stream-window", _DEFAULTS.stream_window),
-        help="chunks each stream writes or prefetches at once "
-        f"(default {_DEFAULTS.stream_window})",
+        help=f"chunks each stream writes or prefetches at once (default {_DEFAULTS.stream_window})",
     )
     p.add_argument(
         "--shutdown-grace-seconds",

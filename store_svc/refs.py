@@ -16,16 +16,15 @@ from dataclasses import dataclass
 
 from store_svc.backends.base import Backend, ObjectNotFound
 from store_svc.digest import Digest
-from store_svc.errors import InvalidArgument, RefConflict
+from store_svc.errors import InvalidArgument, RefConflict, Unavailable
 
 REF_PREFIX = "refs/"
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _REF_PATTERN = re.compile(rf"^({_SEGMENT})/({_SEGMENT})$")
-_NAMESPACE_PREFIX_PATTERN = re.compile(rf"^({_SEGMENT}(/([A-Za-z0-9._-]{{0,128}}))?)?$")
+# A prefix of a ref name: "", part of a namespace, "namespace/", or "namespace/" + part of a name.
+_REF_PREFIX_PATTERN = re.compile(rf"^({_SEGMENT}(/([A-Za-z0-9._-]{{0,128}}))?)?$")
 _SEQ_DIGITS = 20
 _TOMBSTONE = b"deleted\n"
-# Bytes that sort after every sequence digit: the key just past all of a ref's versions.
-_AFTER_VERSIONS = "~"
 _MAX_READ_RETRIES = 8
 
 
@@ -94,32 +93,30 @@ class RefStore:
     def list(
         self, prefix: str = "", start_after: RefName | None = None
     ) -> Iterator[tuple[RefName, Digest]]:
-        """Live refs whose ``namespace/name`` starts with ``prefix``, in key order."""
-        if not _NAMESPACE_PREFIX_PATTERN.match(prefix):
+        """Live refs whose ``namespace/name`` starts with ``prefix``, sorted by name, each
+        after ``start_after``. Targets are read lazily, as the caller iterates."""
+        if not _REF_PREFIX_PATTERN.match(prefix):
             raise InvalidArgument(f"ref prefix {prefix!r} is not a valid ref prefix")
-        after = f"{start_after.key_prefix}{_AFTER_VERSIONS}" if start_after else ""
-        current: RefName | None = None
-        newest_key = ""
-        for info in self._backend.list(REF_PREFIX + prefix, start_after=after):
-            ref = _ref_of_key(info.key)
-            if ref != current and current is not None:
-                yield from self._live(current, newest_key)
-            current, newest_key = ref, info.key
-        if current is not None:
-            yield from self._live(current, newest_key)
+        newest: dict[RefName, int] = {}
+        for info in self._backend.list(REF_PREFIX + prefix):
+            ref, seq = _parse_version_key(info.key)
+            if (start_after is None or ref > start_after) and seq > newest.get(ref, -1):
+                newest[ref] = seq
+        for ref in sorted(newest):
+            target = self._read_version(ref, newest[ref])
+            if target is not None:
+                yield ref, target
 
     def all_targets(self) -> Iterator[Digest]:
         """Targets of every live ref: the roots of garbage collection."""
         for _, target in self.list():
             yield target
 
-    def _live(self, ref: RefName, key: str) -> Iterator[tuple[RefName, Digest]]:
+    def _read_version(self, ref: RefName, seq: int) -> Digest | None:
         try:
-            target = _parse_target(self._backend.get(key))
+            return _parse_target(self._backend.get(_version_key(ref, seq)))
         except ObjectNotFound:  # superseded and compacted meanwhile: read it afresh
-            target = self.resolve(ref)
-        if target is not None:
-            yield ref, target
+            return self.resolve(ref)
 
     def _write(
         self, ref: RefName, target: Digest | None, expected: Digest | None, *, force: bool
@@ -139,19 +136,19 @@ class RefStore:
 
     def _latest(self, ref: RefName) -> _Version | None:
         for _ in range(_MAX_READ_RETRIES):
-            keys = [info.key for info in self._backend.list(ref.key_prefix)]
-            if not keys:
+            seqs = [_parse_version_key(info.key)[1] for info in self._backend.list(ref.key_prefix)]
+            if not seqs:
                 return None
             try:
-                body = self._backend.get(keys[-1])
+                body = self._backend.get(_version_key(ref, max(seqs)))
             except ObjectNotFound:  # compacted between list and get: list again
                 continue
-            return _Version(int(keys[-1].rsplit("/", 1)[1]), _parse_target(body))
-        raise RefConflict(str(ref), None, None)
+            return _Version(max(seqs), _parse_target(body))
+        raise Unavailable(f"ref {ref} kept changing while being read; retry")
 
     def _compact(self, ref: RefName, newest: int) -> None:
         for info in self._backend.list(ref.key_prefix):
-            if int(info.key.rsplit("/", 1)[1]) < newest:
+            if _parse_version_key(info.key)[1] < newest:
                 self._backend.delete(info.key)
 
 
@@ -159,9 +156,9 @@ def _version_key(ref: RefName, seq: int) -> str:
     return f"{ref.key_prefix}{seq:0{_SEQ_DIGITS}d}"
 
 
-def _ref_of_key(key: str) -> RefName:
-    _, namespace, name, _ = key.split("/")
-    return RefName(namespace, name)
+def _parse_version_key(key: str) -> tuple[RefName, int]:
+    _, namespace, name, seq = key.split("/")
+    return RefName(namespace, name), int(seq)
 
 
 def _parse_target(body: bytes) -> Digest | None:

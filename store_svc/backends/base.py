@@ -78,9 +78,13 @@ class Backend(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
-    def list(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
-        """Objects whose key starts with ``prefix``, in ascending key order, each key
-        strictly greater than ``start_after``. ``prefix`` need not end at a ``/``."""
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (which need not end at a ``/``),
+        each once, in no particular order.
+
+        No order is promised because S3 implementations disagree: AWS and MinIO list in
+        byte order of the whole key, SeaweedFS folder by folder. Callers sort what they need.
+        """
         ...
 
     def delete(self, key: str) -> None:

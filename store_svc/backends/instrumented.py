@@ -46,8 +46,8 @@ class InstrumentedBackend:
     def exists(self, key: str) -> bool:
         return self._call("exists", lambda: self._inner.exists(key))
 
-    def list(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
-        iterator = self._call("list", lambda: self._inner.list(prefix, start_after))
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        iterator = self._call("list", lambda: self._inner.list(prefix))
         while True:
             info = self._call("list", lambda: next(iterator, None))
             if info is None:

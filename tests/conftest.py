@@ -1,0 +1,46 @@
+"""Shared fixtures: the loopback S3 server and a fresh backend of each kind per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from store_svc.backends.base import Backend
+from store_svc.backends.local import LocalBackend
+from store_svc.backends.s3 import S3Backend
+from tests.support.seaweedfs import SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    """One real S3 server (SeaweedFS on 127.0.0.1) for the whole session."""
+    with SeaweedS3() as server:
+        yield server
+
+
+@pytest.fixture
+def local_backend(tmp_path: Path) -> LocalBackend:
+    return LocalBackend(tmp_path / "store")
+
+
+@pytest.fixture
+def s3_backend(s3_server: SeaweedS3) -> Iterator[S3Backend]:
+    """A backend on a bucket of its own."""
+    backend = S3Backend(
+        s3_server.endpoint,
+        f"test-{uuid.uuid4().hex[:16]}",
+        s3_server.access_key,
+        s3_server.secret_key,
+    )
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each test using this runs once per backend: the contract is the same for both."""
+    chosen: Backend = request.getfixturevalue(f"{request.param}_backend")
+    return chosen
