@@ -294,9 +294,10 @@ class StoreClient:
                 store_pb2.ChunkRange(digest=d.to_proto(), offset=o, length=n) for d, o, n in ranges
             ]
         )
-        buffer = bytearray()
+        pieces: list[bytes] = []
         for frame in self._stub.GetChunks(request, timeout=self._timeout):
-            buffer += frame.data
+            pieces.append(frame.data)
             if frame.last:
-                yield Digest.from_proto(frame.digest), bytes(buffer)
-                buffer = bytearray()
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                yield Digest.from_proto(frame.digest), data
+                pieces = []

@@ -99,8 +99,9 @@ class ChunkStore:
         stored = self._encode(data)
         return PutResult(self._backend.put_if_absent(chunk_key(digest), stored), len(stored))
 
-    def get(self, digest: Digest) -> bytes:
-        """The chunk's raw bytes, verified. ``ChunkNotFound`` or ``CorruptObject``."""
+    def get(self, digest: Digest) -> memoryview:
+        """The chunk's raw bytes, verified, as a read-only view (chunks are megabytes: the
+        view saves a copy). ``ChunkNotFound`` or ``CorruptObject``."""
         try:
             stored = self._backend.get(chunk_key(digest))
         except ObjectNotFound:
@@ -140,20 +141,22 @@ class ChunkStore:
     def _saves(raw_size: int, packed_size: int) -> bool:
         return packed_size <= raw_size * (1 - _MIN_ZSTD_SAVING)
 
-    def _decode(self, digest: Digest, stored: bytes) -> bytes:
+    def _decode(self, digest: Digest, stored: bytes) -> memoryview:
         if len(stored) < _HEADER_SIZE or stored[:3] != _MAGIC:
             raise CorruptObject(digest, "bad header")
         if stored[3] != _FORMAT_VERSION:
             raise CorruptObject(digest, f"unknown chunk format version {stored[3]}")
-        payload = stored[_HEADER_SIZE:]
+        payload = memoryview(stored)[_HEADER_SIZE:]
         if stored[4] == Codec.RAW:
             return payload
         if stored[4] != Codec.ZSTD:
             raise CorruptObject(digest, f"unknown codec {stored[4]}")
         try:
             # The bound refuses a corrupt frame that claims a huge output size.
-            return zstandard.ZstdDecompressor().decompress(
-                payload, max_output_size=self._max_chunk_bytes
+            return memoryview(
+                zstandard.ZstdDecompressor().decompress(
+                    payload, max_output_size=self._max_chunk_bytes
+                )
             )
         except zstandard.ZstdError as exc:
             raise CorruptObject(digest, f"zstd frame does not decode: {exc}") from None

@@ -117,7 +117,7 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
                 raise InvalidArgument(
                     f"range [{offset}, {end}) is outside chunk {digest} of {len(data)} bytes"
                 )
-            view = memoryview(data)
+            view = data
             start = offset
             while True:
                 stop = min(start + frame, end)

@@ -5,7 +5,8 @@
 Starts SeaweedFS on loopback (or uses DELTAVAULT_TEST_S3_ENDPOINT), then times:
 - raw: ``minio`` put_object / get_object of each chunk, one at a time;
 - service: ``StoreClient.upload`` (probe + stream + server-side verify + S3 write) and
-  ``StoreClient.get_chunks`` (S3 read + verify + stream) of the same bytes.
+  ``StoreClient.get_chunks`` (S3 read + verify + stream) of the same bytes, against
+  ``python -m store_svc --backend s3`` running as its own process, as it is deployed.
 Prints MiB/s and service/raw ratios (target >= 0.8). A benchmark, not a test.
 """
 
@@ -14,19 +15,20 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minio import Minio
-from store_svc.backends.s3 import S3Backend
 
 from clients.store_client import StoreClient, cut_chunks
-from store_svc.config import StoreConfig
 from store_svc.digest import Algorithm, Digest
-from store_svc.server import build_server
-from tests.support.seaweedfs import SeaweedS3
+from tests.support.seaweedfs import SeaweedS3, free_port
 
 MiB = 1 << 20
 
@@ -39,6 +41,53 @@ def best_rate(total_bytes: int, repeats: int, run: Callable[[int], None]) -> flo
         run(i)
         best = min(best, time.perf_counter() - start)
     return total_bytes / MiB / best
+
+
+@dataclass
+class StoreProcess:
+    process: subprocess.Popen[bytes]
+    target: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def start_store_process(s3: SeaweedS3, workdir: str) -> StoreProcess:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "store_svc",
+            "--backend",
+            "s3",
+            "--endpoint",
+            s3.endpoint,
+            "--bucket",
+            "store",
+            "--access-key",
+            s3.access_key,
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+        ],
+        env={**os.environ, "DELTAVAULT_STORE_SECRET_KEY": s3.secret_key},
+        cwd=workdir,
+    )
+    target = f"127.0.0.1:{port}"
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    for _ in range(300):
+        try:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return StoreProcess(process, target)
+        except grpc.RpcError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("the store process did not start")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,10 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                 response.close()
                 response.release_conn()
 
-        backend = S3Backend(s3.endpoint, "store", s3.access_key, s3.secret_key)
-        server = build_server(StoreConfig(root=Path(tmp), port=0, metrics_port=-1), backend)
-        server.start()
-        client = StoreClient(f"127.0.0.1:{server.port}", chunk_bytes=chunk)
+        server = start_store_process(s3, tmp)
+        client = StoreClient(server.target, chunk_bytes=chunk)
         stored: list[list[tuple[Digest, int, int]]] = []
 
         def service_put(i: int) -> None:
@@ -96,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
         finally:
             client.close()
-            server.stop(grace=0)
+            server.stop()
 
     print(
         f"{args.mib} MiB per run in {args.chunk_mib} MiB chunks, best of {args.repeats}, "

@@ -35,6 +35,7 @@ from store_svc.cas import chunk_key
 from store_svc.digest import Algorithm, Digest
 from store_svc.manifests import FORMAT_VERSION
 from tests.integration.conftest import SMALL_CHUNK, RunningStore, start_store, stop_store
+from tests.support.seaweedfs import free_port
 
 
 def make_manifest(
@@ -337,3 +338,25 @@ def test_backend_down_is_unavailable(tmp_path: Path) -> None:
     finally:
         client.close()
         stop_store(running)
+
+
+def test_client_retries_until_the_store_comes_up(local_backend: Backend, tmp_path: Path) -> None:
+    """UNAVAILABLE is retried with backoff: a store that starts late is still reached."""
+    port = free_port()
+    client = StoreClient(
+        f"127.0.0.1:{port}",
+        timeout=10,
+        retry=RetryPolicy(attempts=8, initial_backoff=0.2, max_backoff=1.0),
+    )
+    late: list[RunningStore] = []
+    starter = threading.Timer(
+        0.5, lambda: late.append(start_store(local_backend, tmp_path, port=port))
+    )
+    starter.start()
+    try:
+        assert client.missing_chunks([Digest.of(b"x")]) == [Digest.of(b"x")]
+    finally:
+        starter.join()
+        client.close()
+        for running in late:
+            stop_store(running)

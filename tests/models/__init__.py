@@ -1,0 +1,1 @@
+"""A real base/fine-tuned model pair for quality benchmarks, built offline from shipped packages."""
