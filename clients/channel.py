@@ -1,4 +1,4 @@
-"""gRPC channels to deltavault services: message limits and keepalive in one place."""
+"""gRPC channels to deltavault services: message limits in one place."""
 
 from __future__ import annotations
 
@@ -23,6 +23,5 @@ def open_channel(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 0),
-            ("grpc.keepalive_time_ms", 30_000),
         ],
     )
