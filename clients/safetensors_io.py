@@ -1,0 +1,124 @@
+"""Hugging Face safetensors checkpoints, read one tensor at a time.
+
+A checkpoint is a directory holding ``model.safetensors``, or shards listed by
+``model.safetensors.index.json``, or any other ``*.safetensors`` files (a PEFT adapter's
+``adapter_model.safetensors``), or a single ``.safetensors`` file. Only the headers are
+read up front; a tensor's bytes are read when it is asked for, so a checkpoint larger
+than memory can be walked tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The path is not a readable safetensors checkpoint, or a tensor is missing."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors dtype code: ``F32``, ``F16``, ``BF16``, ``I64``, ..."""
+    shard: str
+    """File name of the shard holding the tensor."""
+
+
+class Checkpoint:
+    """A lazily read checkpoint: names, shapes and dtypes now, bytes on demand."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._shard_paths = _shard_paths(self.path)
+        self._infos = {info.name: info for info in self._read_headers()}
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def names(self) -> list[str]:
+        """Tensor names, shard by shard, in each shard's stored order."""
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard (a copy in memory, independent of the file)."""
+        info = self.info(name)
+        with safe_open(self.directory / info.shard, framework="pt") as shard:
+            tensor: torch.Tensor = shard.get_tensor(name)
+        return tensor
+
+    def shards(self) -> dict[str, list[str]]:
+        """Shard file name -> the names it holds, to write another checkpoint alike."""
+        layout: dict[str, list[str]] = {}
+        for info in self._infos.values():
+            layout.setdefault(info.shard, []).append(info.name)
+        return layout
+
+    def side_files(self) -> list[Path]:
+        """Files beside the weights (config, tokenizer, generation config, ...)."""
+        if not self.path.is_dir():
+            return []
+        weights = {p.name for p in self._shard_paths} | {INDEX_FILE}
+        return sorted(p for p in self.path.iterdir() if p.is_file() and p.name not in weights)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one at a time, each shard opened once."""
+        for shard_name, names in self.shards().items():
+            with safe_open(self.directory / shard_name, framework="pt") as shard:
+                for name in names:
+                    yield name, shard.get_tensor(name)
+
+    def _read_headers(self) -> Iterator[TensorInfo]:
+        for shard_path in self._shard_paths:
+            try:
+                with safe_open(shard_path, framework="pt") as shard:
+                    for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        view = shard.get_slice(name)
+                        yield TensorInfo(
+                            name, tuple(view.get_shape()), view.get_dtype(), shard_path.name
+                        )
+            except (OSError, SafetensorError) as exc:
+                raise CheckpointError(f"cannot read {shard_path}: {exc}") from exc
+
+
+def _shard_paths(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path} is not a .safetensors file")
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} has no valid weight_map: {exc}") from exc
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are absent: {missing}")
+        return [path / s for s in shards]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path} holds no .safetensors files")
+    return found
