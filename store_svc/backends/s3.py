@@ -2,9 +2,18 @@
 
 Create-if-absent is a conditional PutObject with ``If-None-Match: *``: of two racing
 writers the server accepts one and answers 412 PreconditionFailed to the other. minio
-7.2's public ``put_object`` turns unknown headers into user metadata, so the write uses
-the SDK's single-request ``_put_object`` with the header set (objects here are at most a
-few tens of MiB, well within one PUT).
+7.2.20's public ``put_object`` takes no request headers: what it is given as ``metadata``
+goes through ``normalize_headers``, which sends every name that is not ``x-amz-*`` or one
+of five content headers as ``X-Amz-Meta-<name>`` user metadata, so ``If-None-Match`` would
+be stored, not obeyed. The write therefore uses the SDK's private single-request
+``_put_object(bucket, name, data, headers)`` (objects here are at most a few tens of MiB,
+well within one PUT); re-check it when upgrading minio.
+
+Write-once also shapes the HTTP retries: a request is retried only where it provably never
+reached the server (connect errors) or is a read (GET, HEAD). Re-sending a conditional PUT
+whose first attempt the server applied would answer 412, and this call would report
+"already existed" for an object it created. Other failures surface as
+``BackendUnavailable`` for the caller to retry knowingly.
 """
 
 from __future__ import annotations
@@ -26,26 +35,43 @@ from store_svc.backends.base import (
 
 T = TypeVar("T")
 
-_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchObject"}
-_RACE_LOST_CODES = {"PreconditionFailed"}
-# AWS answers 409 to a conditional write racing another on the same key: retryable.
-_RACE_PENDING_CODES = {"ConditionalRequestConflict"}
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject"})
+_RACE_LOST_CODES = frozenset({"PreconditionFailed"})
+# Transient whatever their status; AWS answers 409 ConditionalRequestConflict to a
+# conditional write racing another on the same key, and 400 RequestTimeout to a slow client.
+_TRANSIENT_CODES = frozenset(
+    {"ConditionalRequestConflict", "RequestTimeout", "SlowDown", "ServiceUnavailable"}
+)
+_EXISTING_BUCKET_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
 _CONNECT_TIMEOUT = 5.0
 _READ_TIMEOUT = 60.0
+_CONNECT_RETRIES = 1
 _POOL_SIZE = 64
 
 
 def _http_client(secure: bool) -> urllib3.PoolManager:
-    """Bounded timeouts and few retries: a dead endpoint fails within seconds."""
+    """Bounded timeouts and few retries: a dead endpoint fails within ~10 s, a refused
+    connection at once."""
     return urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT, read=_READ_TIMEOUT),
-        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(502, 503, 504)),
+        retries=urllib3.Retry(
+            total=_CONNECT_RETRIES + 1,
+            connect=_CONNECT_RETRIES,
+            read=1,
+            status=0,
+            other=0,
+            allowed_methods=frozenset({"GET", "HEAD"}),  # read retries only
+            respect_retry_after_header=False,
+            backoff_factor=0.2,
+        ),
         maxsize=_POOL_SIZE,
         cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
     )
 
 
 class S3Backend:
+    """Objects in one bucket, under ``prefix`` (so several stores can share a bucket)."""
+
     def __init__(
         self,
         endpoint: str,
@@ -63,13 +89,14 @@ class S3Backend:
             prefix = prefix.rstrip("/") + "/"
         self._bucket = bucket
         self._prefix = prefix
+        self._http = _http_client(secure)
         self._client = Minio(
             endpoint,
             access_key,
             secret_key,
             secure=secure,
             region=region,
-            http_client=_http_client(secure),
+            http_client=self._http,
         )
         if create_bucket:
             self._ensure_bucket()
@@ -85,16 +112,16 @@ class S3Backend:
             except S3Error as exc:
                 if exc.code in _RACE_LOST_CODES:
                     return False
-                if exc.code in _RACE_PENDING_CODES:
-                    raise BackendUnavailable(f"concurrent write to {key!r}; retry") from exc
                 raise
             return True
 
         return self._call(put, key)
 
     def get(self, key: str) -> bytes:
+        name = self._name(key)
+
         def read() -> bytes:
-            response = self._client.get_object(self._bucket, self._name(key))
+            response = self._client.get_object(self._bucket, name)
             try:
                 return bytes(response.read())
             finally:
@@ -104,7 +131,8 @@ class S3Backend:
         return self._call(read, key)
 
     def stat(self, key: str) -> ObjectInfo:
-        result = self._call(lambda: self._client.stat_object(self._bucket, self._name(key)), key)
+        name = self._name(key)
+        result = self._call(lambda: self._client.stat_object(self._bucket, name), key)
         modified = result.last_modified.timestamp() if result.last_modified else 0.0
         return ObjectInfo(key, int(result.size or 0), modified)
 
@@ -116,27 +144,27 @@ class S3Backend:
         return True
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        objects = self._call(
-            lambda: self._client.list_objects(
-                self._bucket, prefix=self._prefix + prefix, recursive=True
-            ),
-            prefix,
+        objects = self._client.list_objects(
+            self._bucket, prefix=self._prefix + prefix, recursive=True
         )
         while True:
             item = self._call(lambda: next(objects, None), prefix)
             if item is None:
                 return
-            modified = item.last_modified.timestamp() if item.last_modified else 0.0
             key = str(item.object_name)[len(self._prefix) :]
+            # Skip folder markers some servers keep, and what a server that normalises the
+            # prefix (SeaweedFS lists ``a/`` for ``a//``) returns beyond it.
+            if item.is_dir or not key.startswith(prefix):
+                continue
+            modified = item.last_modified.timestamp() if item.last_modified else 0.0
             yield ObjectInfo(key, int(item.size or 0), modified)
 
     def delete(self, key: str) -> None:
-        self._call(lambda: self._client.remove_object(self._bucket, self._name(key)), key)
+        name = self._name(key)
+        self._call(lambda: self._client.remove_object(self._bucket, name), key)
 
     def close(self) -> None:
-        http = self._client._http  # private: the SDK exposes no close
-        if http is not None:
-            http.clear()
+        self._http.clear()
 
     def _ensure_bucket(self) -> None:
         def ensure() -> None:
@@ -145,7 +173,7 @@ class S3Backend:
             try:
                 self._client.make_bucket(self._bucket)
             except S3Error as exc:
-                if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                if exc.code not in _EXISTING_BUCKET_CODES:
                     raise
 
         self._call(ensure, f"bucket {self._bucket}")
@@ -153,17 +181,26 @@ class S3Backend:
     def _name(self, key: str) -> str:
         return self._prefix + check_key(key)
 
-    def _call(self, fn: Callable[[], T], what: str) -> T:
+    @staticmethod
+    def _call(fn: Callable[[], T], what: str) -> T:
         """Run one SDK call, translating its errors into the backend contract."""
         try:
             return fn()
         except S3Error as exc:
             if exc.code in _NOT_FOUND_CODES:
                 raise ObjectNotFound(what) from None
-            raise BackendError(f"S3 refused {what!r}: {exc.code}: {exc.message}") from exc
-        except ServerError as exc:
-            raise BackendUnavailable(f"S3 server error on {what!r}: {exc}") from exc
+            error = f"S3 refused {what!r}: {exc.code}: {exc.message}"
+            if exc.code in _TRANSIENT_CODES or exc.response.status >= 500:
+                raise BackendUnavailable(error) from exc
+            raise BackendError(error) from exc
+        except (ServerError, InvalidResponseError) as exc:
+            # Answers without an S3 error body (HEAD, a proxy's page). minio 7.2.20 keeps
+            # InvalidResponseError's status only in its private ``_code``.
+            status = exc.status_code if isinstance(exc, ServerError) else exc._code
+            if status >= 500:
+                raise BackendUnavailable(f"S3 server error on {what!r}: {exc}") from exc
+            raise BackendError(f"S3 failure on {what!r}: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise BackendUnavailable(f"S3 endpoint unreachable for {what!r}: {exc}") from exc
-        except (InvalidResponseError, MinioException) as exc:
+        except MinioException as exc:
             raise BackendError(f"S3 failure on {what!r}: {exc}") from exc

