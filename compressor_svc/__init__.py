@@ -1,0 +1,1 @@
+"""The compressor service: turns weight deltas into compact encoded tensors."""

@@ -1,0 +1,65 @@
+"""Pure-torch ground truth for every numeric format deltavault stores.
+
+Bit packing (:mod:`.packing`), group-wise quantization (:mod:`.quant`), seeded masks
+(:mod:`.prng`), the encoded-tensor container (:mod:`.encoded`) and each method's decoder
+(:mod:`.decode`). Triton kernels are tested against these functions.
+"""
+
+from kernels.reference.decode import decode
+from kernels.reference.encoded import (
+    FORMAT_VERSION,
+    EncodedTensor,
+    Part,
+    PartDtype,
+    quantized_parts,
+    read_quantized,
+)
+from kernels.reference.packing import BIT_TO_PACKING, pack, packed_nbytes, unpack
+from kernels.reference.prng import (
+    PRNG_NAME,
+    PRNG_VERSION,
+    group_keep_counts,
+    group_mask,
+    hash_keys,
+    prng_params,
+    threshold_for_count,
+    threshold_mask,
+)
+from kernels.reference.quant import (
+    QuantParams,
+    choose_qparams,
+    dequantize,
+    dequantize_values,
+    n_groups,
+    quantize,
+    quantize_values,
+)
+
+__all__ = [
+    "decode",
+    "EncodedTensor",
+    "Part",
+    "PartDtype",
+    "FORMAT_VERSION",
+    "quantized_parts",
+    "read_quantized",
+    "BIT_TO_PACKING",
+    "pack",
+    "unpack",
+    "packed_nbytes",
+    "PRNG_NAME",
+    "PRNG_VERSION",
+    "hash_keys",
+    "prng_params",
+    "threshold_mask",
+    "threshold_for_count",
+    "group_mask",
+    "group_keep_counts",
+    "QuantParams",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "quantize_values",
+    "dequantize_values",
+    "n_groups",
+]

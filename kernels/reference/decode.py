@@ -1,0 +1,125 @@
+"""``decode(encoded)``: the reference decoder of every method's format, keyed by method name.
+
+Formats (shapes for a delta of d_out x d_in; all decoders return fp32 d_out x d_in):
+
+- ``lossless``: part ``delta`` at the delta's own dtype.
+- ``bitdelta``: ``signs`` uint1 (levels, d_out, d_in), 1 → +1 and 0 → -1; ``scales`` float32
+  (levels, d_out) per row or (levels, 1) per matrix. ΔŴ = Σ_l scales_l ⊙ (2·signs_l - 1).
+- ``dare`` / ``deltadq``: kept values, already rescaled, in row-major order of a seeded mask
+  (params ``prng``, ``prng_version``, ``seed``). DARE's mask keeps keys below ``threshold``;
+  DeltaDQ's keeps ``keep`` of every ``dropout_group`` columns. Values are ``values.*``
+  group-quantized (1, n_kept) with ``group_size``, or a float16 ``values`` part.
+- ``deltacome`` / ``adamix``: sigma as float16 ``sigma`` (r,), pairs ordered by bucket; for each
+  width b in params ``widths`` (bucket order), ``v{b}.*`` quantizes V̂ᵀ rows (n_b, d_in) and
+  ``u{b}.*`` quantizes Ûᵀ rows (n_b, d_out), both grouped along their last dim by
+  ``group_size``. ΔŴ = Σ_b Û_b diag(sigma_b) V̂_bᵀ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from kernels.reference.encoded import EncodedTensor, read_quantized
+from kernels.reference.prng import check_prng, group_mask, threshold_mask
+from kernels.reference.quant import dequantize
+
+Decoder = Callable[[EncodedTensor], Tensor]
+_DECODERS: dict[str, Decoder] = {}
+
+
+def register_decoder(*methods: str) -> Callable[[Decoder], Decoder]:
+    def add(fn: Decoder) -> Decoder:
+        for name in methods:
+            _DECODERS[name] = fn
+        return fn
+
+    return add
+
+
+def decode(encoded: EncodedTensor) -> Tensor:
+    """The fp32 delta an encoding stands for, shaped ``encoded.shape``."""
+    try:
+        decoder = _DECODERS[encoded.method]
+    except KeyError:
+        raise ValueError(
+            f"no decoder for method {encoded.method!r}; known: {sorted(_DECODERS)}"
+        ) from None
+    out = decoder(encoded)
+    if tuple(out.shape) != tuple(encoded.shape):
+        raise ValueError(
+            f"{encoded.method} decoded {tuple(out.shape)}, header says {encoded.shape}"
+        )
+    return out
+
+
+def _matrix_shape(encoded: EncodedTensor) -> tuple[int, int]:
+    if len(encoded.shape) != 2:
+        raise ValueError(f"{encoded.method} decodes 2-D deltas, header says {encoded.shape}")
+    return encoded.shape[0], encoded.shape[1]
+
+
+@register_decoder("lossless")
+def _decode_lossless(encoded: EncodedTensor) -> Tensor:
+    return encoded.part("delta").floats()
+
+
+@register_decoder("bitdelta")
+def _decode_bitdelta(encoded: EncodedTensor) -> Tensor:
+    signs = encoded.part("signs").codes().float() * 2 - 1
+    scales = encoded.part("scales").floats()
+    return (scales.unsqueeze(2) * signs).sum(dim=0)
+
+
+def _kept_values(encoded: EncodedTensor) -> Tensor:
+    """(n_kept,) fp32 values of a sparse format, in row-major mask order."""
+    if any(p.name == "values" for p in encoded.parts):
+        return encoded.part("values").floats()
+    codes, params = read_quantized(encoded, "values", int(encoded.params["group_size"]))
+    return dequantize(codes, params).view(-1)
+
+
+def _scatter(mask: Tensor, values: Tensor) -> Tensor:
+    if int(mask.sum()) != values.numel():
+        raise ValueError(
+            f"mask keeps {int(mask.sum())} elements but {values.numel()} values are stored"
+        )
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    out[mask] = values
+    return out
+
+
+@register_decoder("dare")
+def _decode_dare(encoded: EncodedTensor) -> Tensor:
+    seed = check_prng(encoded.params)
+    mask = threshold_mask(_matrix_shape(encoded), seed, int(encoded.params["threshold"]))
+    return _scatter(mask, _kept_values(encoded))
+
+
+@register_decoder("deltadq")
+def _decode_deltadq(encoded: EncodedTensor) -> Tensor:
+    seed = check_prng(encoded.params)
+    group, keep = int(encoded.params["dropout_group"]), int(encoded.params["keep"])
+    mask = group_mask(_matrix_shape(encoded), seed, group, keep)
+    return _scatter(mask, _kept_values(encoded))
+
+
+@register_decoder("deltacome", "adamix")
+def _decode_svd(encoded: EncodedTensor) -> Tensor:
+    d_out, d_in = _matrix_shape(encoded)
+    group_size = int(encoded.params["group_size"])
+    sigma = encoded.part("sigma").floats()
+    out = torch.zeros(d_out, d_in)
+    start = 0
+    for bits in filter(None, encoded.params["widths"].split(",")):
+        v_codes, v_params = read_quantized(encoded, f"v{bits}", group_size)
+        u_codes, u_params = read_quantized(encoded, f"u{bits}", group_size)
+        v_hat, u_hat_t = dequantize(v_codes, v_params), dequantize(u_codes, u_params)
+        stop = start + v_hat.shape[0]
+        out += (u_hat_t.T * sigma[start:stop]) @ v_hat
+        start = stop
+    if start != sigma.numel():
+        raise ValueError(f"{sigma.numel()} singular values stored for {start} quantized pairs")
+    return out

@@ -1,0 +1,115 @@
+"""Counter-based pseudo-random numbers that regenerate bit-identically on any machine.
+
+A seeded mask costs no index bits only if every decoder, on any CPU or GPU and any torch
+version, rebuilds exactly the same positions. Library generators (torch's Mersenne Twister,
+``randperm``) give no such promise across versions or devices, so masks come from a hash of
+the element's linear index instead: ``key(i) = H(H(i) XOR H(seed XOR φ))`` with ``H`` the
+"lowbias32" integer finaliser (C. Wellons, 2018; xor-shift-multiply on 32-bit words).
+
+All arithmetic is on non-negative int64 holding 32-bit values; products are split into 16-bit
+halves so that no intermediate exceeds 2**49 (no signed overflow, which C++ leaves undefined).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PRNG_NAME = "lowbias32-hash"
+PRNG_VERSION = 1
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+"""φ·2**32: keeps seed 0 from salting with H(0) = 0, which would pin key(0) to 0."""
+
+
+def _mul_u32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) and a 32-bit constant ``c``."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * (c & 0xFFFF)) & 0xFFFF) << 16)) & _MASK32
+
+
+def lowbias32(x: Tensor) -> Tensor:
+    """The lowbias32 finaliser, elementwise on int64 values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul_u32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul_u32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_keys(numel: int, seed: int) -> Tensor:
+    """(numel,) int64 keys, uniform on [0, 2**32), one per linear index 0..numel-1."""
+    if not 0 <= seed <= _MASK32:
+        raise ValueError(f"seed must be a 32-bit unsigned integer, got {seed}")
+    if numel >= 1 << 32:
+        raise ValueError(f"masks address at most 2**32 elements, got {numel}")
+    salt = lowbias32(torch.tensor([seed ^ _GOLDEN], dtype=torch.int64))
+    return lowbias32(lowbias32(torch.arange(numel, dtype=torch.int64)) ^ salt)
+
+
+def prng_params(seed: int) -> dict[str, str]:
+    """The decode parameters that name a seeded mask's generator."""
+    return {"prng": PRNG_NAME, "prng_version": str(PRNG_VERSION), "seed": str(seed)}
+
+
+def check_prng(params: dict[str, str]) -> int:
+    """The seed of a mask written by this generator; ValueError for any other generator."""
+    name, version = params.get("prng"), params.get("prng_version")
+    if name != PRNG_NAME or version != str(PRNG_VERSION):
+        raise ValueError(
+            f"mask generator {name} v{version} is not supported; this build decodes "
+            f"{PRNG_NAME} v{PRNG_VERSION}"
+        )
+    return int(params["seed"])
+
+
+def threshold_mask(shape: tuple[int, int], seed: int, threshold: int) -> Tensor:
+    """(rows, cols) bool: elements whose key is below ``threshold`` (DARE's drop mask).
+
+    Every element is kept independently with probability threshold / 2**32, as a Bernoulli
+    draw; choosing ``threshold`` from the keys themselves fixes the kept count exactly.
+    """
+    rows, cols = shape
+    return (hash_keys(rows * cols, seed) < threshold).view(rows, cols)
+
+
+def threshold_for_count(numel: int, seed: int, count: int) -> int:
+    """The largest threshold keeping at most ``count`` of ``numel`` keys (ties dropped)."""
+    if count >= numel:
+        return 1 << 32
+    keys = torch.sort(hash_keys(numel, seed)).values
+    return int(keys[count])
+
+
+def group_keep_counts(cols: int, group_size: int, keep: int) -> list[int]:
+    """Kept count per group along a row: ``keep`` per full group; the tail keeps its share.
+
+    A tail of t < group_size columns keeps max(1, round(t·keep/group_size)) so no tail is
+    dropped whole (that would bias the row sum, since there is nothing to rescale).
+    """
+    n_full, tail = divmod(cols, group_size)
+    counts = [keep] * n_full
+    if tail:
+        counts.append(min(tail, max(1, round(tail * keep / group_size))))
+    return counts
+
+
+def group_mask(shape: tuple[int, int], seed: int, group_size: int, keep: int) -> Tensor:
+    """(rows, cols) bool: in each row, each group of ``group_size`` columns keeps exactly
+    ``keep`` elements (the tail group its share), chosen uniformly without replacement as the
+    ones with the smallest keys (DeltaDQ's group-wise dropout)."""
+    rows, cols = shape
+    if not 1 <= keep <= group_size:
+        raise ValueError(f"keep must be in 1..group_size={group_size}, got {keep}")
+    keys = hash_keys(rows * cols, seed).view(rows, cols)
+    n_full = cols // group_size
+    full = keys[:, : n_full * group_size].reshape(rows, n_full, group_size)
+    chosen = torch.argsort(full, dim=2, stable=True)[:, :, :keep]
+    full_mask = torch.zeros_like(full, dtype=torch.bool).scatter_(2, chosen, True)
+    parts = [full_mask.reshape(rows, n_full * group_size)]
+    tail_counts = group_keep_counts(cols, group_size, keep)[n_full:]
+    if tail_counts:
+        tail = keys[:, n_full * group_size :]
+        tail_chosen = torch.argsort(tail, dim=1, stable=True)[:, : tail_counts[0]]
+        parts.append(torch.zeros_like(tail, dtype=torch.bool).scatter_(1, tail_chosen, True))
+    return torch.cat(parts, dim=1)
