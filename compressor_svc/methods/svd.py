@@ -31,7 +31,17 @@ from compressor_svc.methods.quantizer import (
     gptq_columns,
     gptq_rows,
 )
-from kernels.reference import EncodedTensor, Part, PartDtype, QuantParams, n_groups, quantized_parts
+from kernels.reference import (
+    EncodedTensor,
+    Part,
+    PartDtype,
+    QuantParams,
+    choose_qparams,
+    dequantize,
+    n_groups,
+    quantize,
+    quantized_parts,
+)
 
 SIGMA_BITS = 16
 GROUP_OVERHEAD_BITS = 32  # fp16 scale + fp16 zero
@@ -84,6 +94,23 @@ def v_errors(factors: Factors, v_hat: Tensor, gram: Tensor | None) -> Tensor:
     delta_v = factors.v.T - v_hat
     h = activation_hessian(gram, v_hat.shape[1])
     return factors.s**2 * ((delta_v @ h) * delta_v).sum(dim=1)
+
+
+def u_errors(
+    factors: Factors, v_hat: Tensor, gram: Tensor | None, bits: int, group_size: int
+) -> Tensor:
+    """(r,) estimate of what quantizing U at ``bits`` adds: sigma_i² ‖δu_i‖² v̂_iᵀ H v̂_i.
+
+    δu_i is the round-to-nearest error of column u_i in U's stored layout (groups of
+    ``group_size`` along d_out). Each pair is taken alone: U's error does not split exactly
+    (its Hessian Σ V̂ᵀ H V̂ Σ is not diagonal), but leaving it out biases the allocation
+    towards keeping many pairs at low widths, whose U error it never sees.
+    """
+    u_rows = factors.u.T.contiguous()
+    params = choose_qparams(u_rows, bits, group_size)
+    delta_u = u_rows - dequantize(quantize(u_rows, params), params)
+    h = activation_hessian(gram, v_hat.shape[1])
+    return factors.s**2 * delta_u.square().sum(dim=1) * ((v_hat @ h) * v_hat).sum(dim=1)
 
 
 def _take_rows(q: QuantizedMatrix, rows: Tensor) -> QuantizedMatrix:

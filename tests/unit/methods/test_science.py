@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor
 
@@ -34,17 +35,19 @@ def test_bitdelta_gram_fit_lowers_activation_error(delta: Tensor, gram: Tensor) 
     assert relative_activation_error(delta, fitted, gram) < blind
 
 
+# Measured on this small synthetic delta: 0.74x of Delta-CoMe at 16x, 0.82x at 32x.
+@pytest.mark.parametrize(("ratio", "margin"), [(16.0, 0.8), (32.0, 0.9)])
 def test_adamix_beats_deltacome_at_equal_exact_bits(
-    delta: Tensor, gram: Tensor, held_out_gram: Tensor
+    delta: Tensor, gram: Tensor, held_out_gram: Tensor, ratio: float, margin: float
 ) -> None:
     big = delta * 10  # ADAMIX's margin grows with ‖ΔW‖ (SCIENCE.md, orderings)
-    come = compress(big, "deltacome", ratio=16.0, gram=gram)
+    come = compress(big, "deltacome", ratio=ratio, gram=gram)
     # The same exact budget: Delta-CoMe's split is then a feasible point of ADAMIX's program.
     mix = compress(big, "adamix", ratio=come.ratio * (1 - 1e-12), gram=gram)
     assert mix.nbits <= come.nbits
     err_come = relative_activation_error(big, decode(come), held_out_gram)
     err_mix = relative_activation_error(big, decode(mix), held_out_gram)
-    assert err_mix <= 0.8 * err_come, (err_mix, err_come)
+    assert err_mix <= margin * err_come, (err_mix, err_come)
 
 
 def test_adamix_objective_never_exceeds_deltacome_split(delta: Tensor, gram: Tensor) -> None:
