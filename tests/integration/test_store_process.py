@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from clients.store_client import RetryPolicy, StoreClient
+from store_svc.digest import Digest
 from tests.support.seaweedfs import SeaweedS3
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -140,3 +143,42 @@ def test_s3_backend_without_credentials_is_a_usage_error() -> None:
     )
     assert result.returncode == 2
     assert "--access-key" in result.stderr
+
+
+def test_sigterm_lets_an_in_flight_stream_finish(
+    tmp_path: Path, run_store: list[subprocess.Popen[bytes]]
+) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "store_svc",
+            "--root",
+            str(tmp_path),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--max-frame-bytes",
+            str(256 * 1024),
+        ],
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+    )
+    run_store.append(process)
+    target = f"127.0.0.1:{port}"
+    wait_serving(target, process)
+    client = StoreClient(
+        target, chunk_bytes=1 << 20, frame_bytes=128 * 1024, retry=RetryPolicy(attempts=1)
+    )
+    payload = os.urandom(32 << 20)  # far more than gRPC's flow-control windows buffer
+    refs, _ = client.upload(payload)
+    stream = client.get_chunks([(Digest.from_proto(r.digest), 0, 0) for r in refs])
+    received = [next(stream)[1]]
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the server is draining now
+    received += [data for _, data in stream]
+    assert b"".join(received) == payload
+    assert process.wait(timeout=30) == 0
+    client.close()
