@@ -78,9 +78,14 @@ class ChunkStore:
         zstd_level: int = 3,
     ) -> None:
         self._backend = backend
+        # Existence probes are latency-bound (a HEAD each on S3): run them side by side.
+        self._probes = ThreadPoolExecutor(_EXISTS_PARALLELISM, thread_name_prefix="chunk-probe")
         self._policy = policy
         self._max_chunk_bytes = max_chunk_bytes
         self._zstd_level = zstd_level
+
+    def close(self) -> None:
+        self._probes.shutdown(wait=True)
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -114,8 +119,7 @@ class ChunkStore:
     def missing(self, digests: Iterable[Digest]) -> list[Digest]:
         """The subset of ``digests`` not stored, in input order, duplicates dropped."""
         unique = list(dict.fromkeys(digests))
-        with ThreadPoolExecutor(max_workers=_EXISTS_PARALLELISM) as pool:
-            present = list(pool.map(lambda d: self._backend.exists(chunk_key(d)), unique))
+        present = list(self._probes.map(lambda d: self._backend.exists(chunk_key(d)), unique))
         return [d for d, here in zip(unique, present, strict=True) if not here]
 
     def iter_digests(self) -> Iterator[Digest]:

@@ -12,9 +12,10 @@ a manifest can never be committed against a chunk that is being swept.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from store_svc.backends.base import Backend
+from store_svc.backends.base import Backend, ObjectInfo
 from store_svc.cas import CHUNK_PREFIX, digest_from_chunk_key
 from store_svc.digest import Digest
 from store_svc.errors import StoreError
@@ -66,14 +67,15 @@ class GarbageCollector:
         for target in self._refs.all_targets():
             stats.refs_scanned += 1
             self._mark_manifest(mark, target)
-        self._mark_young_manifests(mark, cutoff)
+        self._mark_young_manifests(mark, self._backend.list(MANIFEST_PREFIX), cutoff)
         chunk_candidates = self._chunk_candidates(mark, cutoff, stats)
         with self._lock.exclusive():
-            self._mark_young_manifests(mark, cutoff)  # committed while we were marking
+            manifests = list(self._backend.list(MANIFEST_PREFIX))
+            self._mark_young_manifests(mark, manifests, cutoff)  # committed meanwhile
             doomed_chunks = [(k, s) for k, d, s in chunk_candidates if d not in mark.chunks]
             doomed_manifests = [
                 (info.key, info.size)
-                for info in self._backend.list(MANIFEST_PREFIX)
+                for info in manifests
                 if digest_from_manifest_key(info.key) not in mark.manifests
             ]
             if not dry_run:
@@ -94,8 +96,10 @@ class GarbageCollector:
         mark.manifests.add(digest)
         mark.chunks.update(chunk_digests(manifest))
 
-    def _mark_young_manifests(self, mark: _Mark, cutoff: float) -> None:
-        for info in self._backend.list(MANIFEST_PREFIX):
+    def _mark_young_manifests(
+        self, mark: _Mark, manifests: Iterable[ObjectInfo], cutoff: float
+    ) -> None:
+        for info in manifests:
             if info.modified >= cutoff:
                 self._mark_manifest(mark, digest_from_manifest_key(info.key))
 

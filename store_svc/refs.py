@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from store_svc.backends.base import Backend, ObjectNotFound
 from store_svc.digest import Digest
-from store_svc.errors import InvalidArgument, RefConflict, Unavailable
+from store_svc.errors import InvalidArgument, NotFound, RefConflict, Unavailable
 
 REF_PREFIX = "refs/"
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -81,9 +81,12 @@ class RefStore:
     def delete(self, ref: RefName, expected: Digest | None) -> Digest:
         """Remove ``ref`` (if ``expected`` is given, only while it points there).
 
-        Returns the previous target. ``RefConflict`` if it is absent or moved.
+        Returns the previous target. ``NotFound`` if it is absent and nothing was expected,
+        ``RefConflict`` if it does not point at ``expected``.
         """
         current = self.resolve(ref)
+        if current is None and expected is None:
+            raise NotFound(f"no ref {ref}")
         if current is None or (expected is not None and current != expected):
             raise RefConflict(str(ref), expected, current)
         previous = self._write(ref, None, current, force=False)

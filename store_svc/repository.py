@@ -58,6 +58,11 @@ class Repository:
         self.refs = RefStore(backend)
         self._gc = GarbageCollector(backend, self.manifests, self.refs, lock)
 
+    def close(self) -> None:
+        """Stop the chunk store's probe threads and release the backend."""
+        self.chunks.close()
+        self.backend.close()
+
     def commit(
         self, manifest: common_pb2.Manifest, move: RefMove | None = None
     ) -> tuple[CommitResult, Digest | None]:

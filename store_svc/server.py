@@ -59,7 +59,7 @@ class StoreServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
-    backend: Backend
+    repo: Repository
     metrics: StoreMetrics
     config: StoreConfig
     io: futures.ThreadPoolExecutor
@@ -83,7 +83,7 @@ class StoreServer:
         self.io.shutdown(wait=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        self.backend.close()
+        self.repo.close()
 
 
 def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreServer:
@@ -122,7 +122,7 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
-    return StoreServer(server, port, health_servicer, backend, metrics, config, io)
+    return StoreServer(server, port, health_servicer, repo, metrics, config, io)
 
 
 def serve(config: StoreConfig) -> None:

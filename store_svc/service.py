@@ -198,8 +198,6 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
     ) -> store_pb2.DeleteRefResponse:
         ref = _ref(request.ref)
         expected = _optional_digest(request.HasField("expected"), request.expected, "expected")
-        if expected is None and self._repo.refs.resolve(ref) is None:
-            raise NotFound(f"no ref {ref}")
         previous = self._repo.refs.delete(ref, expected)
         return store_pb2.DeleteRefResponse(previous=previous.to_proto())
 
