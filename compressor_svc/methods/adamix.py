@@ -24,7 +24,6 @@ whose outputs are larger gets more bits.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +38,9 @@ from compressor_svc.methods.base import (
     MethodConfig,
     Target,
     bit_budget,
-    check_delta,
-    check_gram,
+    check_ratio,
     get_method,
+    make_target,
     register_method,
 )
 from compressor_svc.methods.bit_allocation import allocate_bits
@@ -195,18 +194,12 @@ def compress_model(
     """
     method = get_method(Adamix.name)
     config: AdamixConfig = method.make_config(options)
-    if not deltas or not math.isfinite(ratio) or ratio <= 1:
-        raise ValueError(
-            f"need at least one delta and a finite ratio > 1; got {len(deltas)}, {ratio}"
-        )
+    if not deltas:
+        raise ValueError("need at least one delta")
+    check_ratio(method, ratio)
     tables: dict[str, tuple[Target, ErrorTable]] = {}
     for name, delta in deltas.items():
-        check_delta(delta)
-        gram = None if grams is None or name not in grams else grams[name].float()
-        if gram is not None:
-            check_gram(gram, delta.shape[1])
-        dtype = str(delta.dtype).removeprefix("torch.")
-        target = Target(delta.float(), ratio, gram, dtype)
+        target = make_target(delta, ratio, None if grams is None else grams.get(name))
         tables[name] = (target, error_table(target, config))
     budget = bit_budget((sum(d.numel() for d in deltas.values()),), ratio)
     choice = allocate_bits(

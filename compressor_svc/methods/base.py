@@ -150,7 +150,7 @@ def check_gram(gram: Tensor, d_in: int) -> None:
         raise ValueError("gram must be finite; it has NaN/Inf entries")
 
 
-def _check_ratio(method: Method[Any], ratio: float | None) -> None:
+def check_ratio(method: Method[Any], ratio: float | None) -> None:
     if not method.lossy:
         if ratio is not None:
             raise ValueError(
@@ -162,6 +162,17 @@ def _check_ratio(method: Method[Any], ratio: float | None) -> None:
         raise ValueError(
             f"{method.name} needs a finite target ratio > 1 against the fp16 delta; got {ratio}"
         )
+
+
+def make_target(delta: Tensor, ratio: float, gram: Tensor | None) -> Target:
+    """A validated :class:`Target`: ValueError for a bad delta or a Gram matrix that does not
+    fit it; both converted to fp32 before any arithmetic."""
+    check_delta(delta)
+    gram32 = None
+    if gram is not None:
+        check_gram(gram, delta.shape[1])
+        gram32 = gram.float()
+    return Target(delta.float(), ratio, gram32, str(delta.dtype).removeprefix("torch."))
 
 
 def compress(
@@ -180,14 +191,8 @@ def compress(
     """
     impl = get_method(method)
     config = impl.make_config(options)
-    check_delta(delta)
-    _check_ratio(impl, ratio)
-    gram32 = None
-    if gram is not None:
-        check_gram(gram, delta.shape[1])
-        gram32 = gram.float()
-    dtype = str(delta.dtype).removeprefix("torch.")
-    target = Target(delta.float(), ratio if ratio is not None else 1.0, gram32, dtype)
+    target = make_target(delta, ratio if ratio is not None else 1.0, gram)
+    check_ratio(impl, ratio)
     encoded = impl.encode(target, config)
     if ratio is not None and encoded.ratio < ratio:
         raise RuntimeError(

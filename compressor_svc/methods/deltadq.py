@@ -1,4 +1,4 @@
-"""``deltadq``: group-wise dropout + low-bit quantization of the survivors (arXiv 2410.08666).
+"""``deltadq``: group-wise dropout + separate quantization of the survivors (arXiv 2410.08666).
 
 Group-wise dropout: each row is cut into groups of g columns along the input dimension; in
 every group exactly k = keep elements survive, chosen uniformly without replacement by a
@@ -7,25 +7,34 @@ of t < g columns keeps its share k_t and is rescaled by t/k_t). Against DARE's B
 draw, each group's error then sums to zero, so only the within-group spread of ΔW_ij x_j
 remains (SCIENCE.md §1).
 
-Exact accounting: positions cost 0 bits (a seeded mask; seed and PRNG name in params). Every
-row keeps the same count, so survivors form a dense row-major sequence, quantized to ``bits``
-with an fp16 scale + zero per ``quant_group_size`` survivors and a clipping search.
+Separate quantization into m parts (``kernels.reference.separate``): survivors are quantized
+on a grid log2(m) bits finer than the stored ``bits``; in each quantization group the densest
+of the m value ranges is the inner part and stores ``bits``-bit offsets, the other values form
+a sparse outer part with full fine codes and Rice-coded positions. Membership is paid for
+explicitly (pitfall 12): the split gains only where survivors concentrate, as heavy-tailed
+deltas do. m = 1 is plain ``bits``-bit codes.
+
+Exact accounting: positions of survivors cost 0 bits (a seeded mask; seed and PRNG name in
+params). Every row keeps the same count, so survivors form a dense row-major sequence,
+quantized with an fp16 scale + zero per ``quant_group_size`` survivors and a clipping search.
 
 The ratio fixes p (SCIENCE.md pitfall 11): for each candidate (bits, g) the largest k that
 fits the budget is taken, and candidates that cannot land within 10% of the target are
-skipped. Among the rest, the one with the least error wins: activation error under ``gram``
-(the paper's calibration criterion, here per matrix), or without it the data-free proxy
-G = I + 11ᵀ, i.e. inputs with unit mean and unit variance per channel, which scores both the
-weight error and the row-sum error that the "balanced intermediate results" argument is
-about (SCIENCE.md §1).
-
-Not implemented: the paper's "separate quantization" into m value-range parts. With part
-membership counted (pitfall 12) it saves nothing over plain ``bits``-bit codes.
+skipped. Among the rest, the one with the least error wins: activation error under ``gram``,
+or without it the data-free proxy G = I + 11ᵀ, i.e. inputs with unit mean and unit variance
+per channel, which scores both the weight error and the row-sum error that the "balanced
+intermediate results" argument is about (SCIENCE.md §1). Each width's best g is then tried
+with m > 1 parts. :func:`compress_model` instead chooses one g for the whole model, as the
+paper does, scored by a caller's probe (say, attention-output error) or by output error.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +45,9 @@ from compressor_svc.methods.base import (
     Method,
     MethodConfig,
     Target,
+    check_ratio,
+    get_method,
+    make_target,
     register_method,
 )
 from kernels.reference import (
@@ -48,11 +60,18 @@ from kernels.reference import (
     prng_params,
     quantize,
     quantized_parts,
+    separate_quantize,
+    separated_parts,
 )
 
 GROUP_OVERHEAD_BITS = 32  # fp16 scale + fp16 zero
 DEFAULT_BITS = (1, 2, 3, 4)
+DEFAULT_PARTS = (1, 2, 4)
 BASE_QUANT_GROUP = 128
+MAX_CODE_BITS = 8
+
+ModelProbe = Callable[[Mapping[str, Tensor]], float]
+"""Scores a whole model's reconstructed deltas (name → ΔŴ); lower is better."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,8 @@ class DeltaDQConfig(MethodConfig):
     """Code widths to try; a single width fixes it."""
     dropout_groups: tuple[int, ...] | None = None
     """Group sizes g to try; None: powers of two from 8 up to d_in."""
+    parts: tuple[int, ...] = DEFAULT_PARTS
+    """Separate quantization: part counts m (powers of two) to try; 1 is plain codes."""
     quant_group_size: int | None = None
     """Survivors per scale/zero; None: 128 · R/16 rounded up to a power of two (≥ 128), so
     the scale overhead per original weight stays what it is at 16x."""
@@ -68,12 +89,15 @@ class DeltaDQConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", tuple(self.bits))
-        if not self.bits or any(not 1 <= b <= 8 for b in self.bits):
+        if not self.bits or any(not 1 <= b <= MAX_CODE_BITS for b in self.bits):
             raise ValueError(f"bits must be code widths in 1..8, got {self.bits}")
         if self.dropout_groups is not None:
             object.__setattr__(self, "dropout_groups", tuple(self.dropout_groups))
             if not self.dropout_groups or min(self.dropout_groups) < 1:
                 raise ValueError(f"dropout_groups must be sizes ≥ 1, got {self.dropout_groups}")
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if not self.parts or any(m < 1 or m & (m - 1) for m in self.parts):
+            raise ValueError(f"parts must be powers of two ≥ 1, got {self.parts}")
         if self.quant_group_size is not None and self.quant_group_size < 1:
             raise ValueError(f"quant_group_size must be ≥ 1, got {self.quant_group_size}")
         if not 0 <= self.seed < 1 << 32:
@@ -82,12 +106,14 @@ class DeltaDQConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class Layout:
-    """One candidate: ``bits``-bit codes, keep ``keep`` of every ``group`` columns."""
+    """One candidate: ``bits``-bit codes, keep ``keep`` of every ``group`` columns, survivors
+    on a grid ``extra`` bits finer split into 2**extra parts (0: plain codes)."""
 
     bits: int
     group: int
     keep: int
     quant_group: int
+    extra: int = 0
 
 
 def quant_group_for(ratio: float, config: DeltaDQConfig) -> int:
@@ -99,57 +125,57 @@ def quant_group_for(ratio: float, config: DeltaDQConfig) -> int:
     return size
 
 
+def dropout_groups_for(d_in: int, config: DeltaDQConfig) -> tuple[int, ...]:
+    """The group sizes tried for rows of ``d_in``: the config's (those ≤ d_in) or powers of 2."""
+    if config.dropout_groups is not None:
+        return tuple(g for g in config.dropout_groups if g <= d_in)
+    return tuple(2**i for i in range(3, d_in.bit_length()) if 2**i <= d_in) or (d_in,)
+
+
 def layout_bits(layout: Layout, shape: tuple[int, int]) -> int:
-    """Exact bits of a layout: survivor codes plus their scales and zeros."""
+    """Exact bits of a plain layout: survivor codes plus their scales and zeros."""
     d_out, d_in = shape
     kept = d_out * sum(group_keep_counts(d_in, layout.group, layout.keep))
     return kept * layout.bits + n_groups(kept, layout.quant_group) * GROUP_OVERHEAD_BITS
 
 
-def candidate_layouts(target: Target, config: DeltaDQConfig) -> list[Layout]:
-    """Every (bits, g) with the largest budget-fitting k landing within 10% of the target."""
-    d_in = target.shape[1]
-    groups = (
-        config.dropout_groups
-        or tuple(2**i for i in range(3, d_in.bit_length()) if 2**i <= d_in)
-        or (d_in,)
-    )
+def _within_tolerance(target: Target, nbits: int) -> bool:
+    return 16 * math.prod(target.shape) / nbits <= RATIO_TOLERANCE * target.ratio
+
+
+def fitted_layouts(target: Target, config: DeltaDQConfig, bits: int) -> list[Layout]:
+    """For every g, plain ``bits``-bit codes keeping the largest k that fits the budget."""
     quant_group = quant_group_for(target.ratio, config)
-    numel = target.shape[0] * d_in
     found = []
-    for bits in config.bits:
-        for group in (g for g in groups if g <= d_in):
-            fits = [
-                k
-                for k in range(1, group + 1)
-                if layout_bits(Layout(bits, group, k, quant_group), target.shape) <= target.budget
-            ]
-            if not fits:
-                continue
-            layout = Layout(bits, group, max(fits), quant_group)
-            if 16 * numel / layout_bits(layout, target.shape) <= RATIO_TOLERANCE * target.ratio:
-                found.append(layout)
-    if not found:
-        low, high = _ratio_limits(target, config, groups, quant_group)
-        raise ValueError(
-            f"deltadq reaches {low:.2f}-{high:.0f}x for {target.shape} with bits {config.bits} "
-            f"and groups {groups}, but no layout lands in [{target.ratio}, "
-            f"{RATIO_TOLERANCE * target.ratio:.1f}]x"
-        )
+    for group in dropout_groups_for(target.shape[1], config):
+        fits = [
+            k
+            for k in range(1, group + 1)
+            if layout_bits(Layout(bits, group, k, quant_group), target.shape) <= target.budget
+        ]
+        if fits:
+            found.append(Layout(bits, group, max(fits), quant_group))
     return found
 
 
-def _ratio_limits(
-    target: Target, config: DeltaDQConfig, groups: tuple[int, ...], quant_group: int
-) -> tuple[float, float]:
-    """(least, most) exact ratio of any layout: keep all at the widest code, or keep one
-    per row in the largest group at the narrowest."""
-    numel = target.shape[0] * target.shape[1]
+def unreachable(target: Target, config: DeltaDQConfig) -> ValueError:
+    """The error for a target no plain layout lands on, naming the reachable range: keep all
+    at the widest code, or keep one per row in the largest group at the narrowest."""
+    groups = dropout_groups_for(target.shape[1], config)
+    if not groups:
+        return ValueError(
+            f"deltadq: no dropout group in {config.dropout_groups} fits rows of {target.shape[1]}"
+        )
+    quant_group = quant_group_for(target.ratio, config)
+    numel = math.prod(target.shape)
     widest = Layout(max(config.bits), min(groups), min(groups), quant_group)
     sparsest = Layout(min(config.bits), max(groups), 1, quant_group)
-    return (
-        16 * numel / layout_bits(widest, target.shape),
-        16 * numel / layout_bits(sparsest, target.shape),
+    low = 16 * numel / layout_bits(widest, target.shape)
+    high = 16 * numel / layout_bits(sparsest, target.shape)
+    return ValueError(
+        f"deltadq reaches {low:.2f}-{high:.0f}x for {target.shape} with bits {config.bits} "
+        f"and groups {groups}, but no layout lands in [{target.ratio}, "
+        f"{RATIO_TOLERANCE * target.ratio:.1f}]x"
     )
 
 
@@ -167,16 +193,40 @@ def encode_layout(
     mask = group_mask(target.shape, seed, layout.group, layout.keep)
     scaled = target.delta * _column_rescale(target.shape[1], layout)
     survivors = scaled[mask].unsqueeze(0)
-    qparams = choose_qparams(survivors, layout.bits, layout.quant_group, clip_search=True)
     params = {
         **prng_params(seed),
         "dropout_group": str(layout.group),
         "keep": str(layout.keep),
         "group_size": str(layout.quant_group),
+        "parts": str(1 << layout.extra),
     }
-    parts = quantized_parts("values", quantize(survivors, qparams), qparams)
+    if layout.extra:
+        separated = separate_quantize(survivors, layout.bits, layout.extra, layout.quant_group)
+        parts = separated_parts("values", separated)
+    else:
+        qparams = choose_qparams(survivors, layout.bits, layout.quant_group, clip_search=True)
+        parts = quantized_parts("values", quantize(survivors, qparams), qparams)
     name, version = method
     return EncodedTensor(name, version, target.shape, target.dtype, params, tuple(parts))
+
+
+def encode_separated(
+    target: Target, plain: Layout, extra: int, seed: int, method: tuple[str, int]
+) -> EncodedTensor | None:
+    """``plain`` split into 2**extra parts, keeping as many survivors as the budget allows.
+
+    The split's size depends on the data, so k is found by encoding: start from the plain
+    layout's k (an upper bound: the split never costs less) and shrink in proportion to the
+    overspend. None if no k lands within 10% of the target.
+    """
+    keep = plain.keep
+    while keep >= 1:
+        layout = dataclasses.replace(plain, keep=keep, extra=extra)
+        encoded = encode_layout(target, layout, seed, method)
+        if encoded.nbits <= target.budget:
+            return encoded if _within_tolerance(target, encoded.nbits) else None
+        keep = min(keep - 1, math.floor(keep * target.budget / encoded.nbits))
+    return None
 
 
 def selection_gram(target: Target) -> Tensor:
@@ -187,6 +237,12 @@ def selection_gram(target: Target) -> Tensor:
     return torch.eye(d_in) + torch.ones(d_in, d_in)
 
 
+def output_error(target: Target, encoded: EncodedTensor) -> float:
+    """tr(E G Eᵀ) for E = Δ - Δ̂ under :func:`selection_gram`: the squared output error."""
+    err = target.delta - decode(encoded)
+    return float(((err @ selection_gram(target)) * err).sum())
+
+
 @register_method
 class DeltaDQ(Method[DeltaDQConfig]):
     name = "deltadq"
@@ -195,18 +251,88 @@ class DeltaDQ(Method[DeltaDQConfig]):
 
     @override
     def encode(self, target: Target, config: DeltaDQConfig) -> EncodedTensor:
-        gram = selection_gram(target)
-        best: tuple[float, EncodedTensor] | None = None
-        for layout in candidate_layouts(target, config):
-            encoded = encode_layout(target, layout, config.seed, (self.name, self.version))
-            err = target.delta - decode(encoded)
-            score = float(((err @ gram) * err).sum())
-            if best is None or score < best[0]:
-                best = (score, encoded)
-        assert best is not None  # candidate_layouts raises when it finds nothing
-        return best[1]
+        method = (self.name, self.version)
+        scored: list[tuple[float, EncodedTensor]] = []
+        for bits in config.bits:
+            fitted = [
+                (output_error(target, encoded), layout, encoded)
+                for layout in fitted_layouts(target, config, bits)
+                for encoded in [encode_layout(target, layout, config.seed, method)]
+            ]
+            if 1 in config.parts:
+                scored += [(e, enc) for e, _, enc in fitted if _within_tolerance(target, enc.nbits)]
+            if not fitted:
+                continue
+            # The split starts from the g that serves this width best, even where plain codes
+            # keep everything and so land above the target window (the split then lands in it).
+            _, layout, _ = min(fitted, key=lambda c: c[0])
+            for parts in config.parts:
+                extra = parts.bit_length() - 1
+                if extra == 0 or bits + extra > MAX_CODE_BITS:
+                    continue
+                split = encode_separated(target, layout, extra, config.seed, method)
+                if split is not None:
+                    scored.append((output_error(target, split), split))
+        if not scored:
+            raise unreachable(target, config)
+        return min(scored, key=lambda c: c[0])[1]
 
     @override
     def paper_bits(self, encoded: EncodedTensor) -> int:
-        # Value bits only: positions and scales are free in the paper's count (SCIENCE.md §0).
-        return encoded.part("values.codes").nbits
+        # Value bits only, every survivor at the stored width: positions, scales and part
+        # membership are free in the paper's count (SCIENCE.md §0-1).
+        codes = encoded.part("values.codes")
+        outer = [p for p in encoded.parts if p.name == "values.outer"]
+        return codes.nbits + sum(p.numel for p in outer) * codes.dtype.bits
+
+
+def compress_model(
+    deltas: Mapping[str, Tensor],
+    ratio: float,
+    grams: Mapping[str, Tensor] | None = None,
+    *,
+    probe: ModelProbe | None = None,
+    **options: Any,
+) -> dict[str, EncodedTensor]:
+    """DeltaDQ with one dropout group size g for the whole model, as the paper chooses it.
+
+    Every candidate g (``dropout_groups``, default powers of two from 8 to the widest row;
+    capped at each matrix's d_in) compresses every matrix at ``ratio``, widths and parts still
+    chosen per matrix; the g whose model scores lowest wins. The score is ``probe(ΔŴ by
+    name)`` when given (the paper's attention-output error on calibration samples, say), else
+    the summed squared output error under each matrix's Gram matrix (data-free proxy without).
+    """
+    method = get_method(DeltaDQ.name)
+    config: DeltaDQConfig = method.make_config(options)
+    if not deltas:
+        raise ValueError("need at least one delta")
+    check_ratio(method, ratio)
+    targets = {
+        name: make_target(delta, ratio, None if grams is None else grams.get(name))
+        for name, delta in deltas.items()
+    }
+    widest = max(t.shape[1] for t in targets.values())
+    candidates = config.dropout_groups or tuple(2**i for i in range(3, widest.bit_length()))
+    best: tuple[float, dict[str, EncodedTensor]] | None = None
+    for group in candidates:
+        try:
+            encoded = {
+                name: method.encode(
+                    target,
+                    dataclasses.replace(config, dropout_groups=(min(group, target.shape[1]),)),
+                )
+                for name, target in targets.items()
+            }
+        except ValueError:
+            continue  # this g cannot reach the ratio on some matrix
+        if probe is not None:
+            score = probe({name: decode(e) for name, e in encoded.items()})
+        else:
+            score = sum(output_error(targets[n], e) for n, e in encoded.items())
+        if best is None or score < best[0]:
+            best = (score, encoded)
+    if best is None:
+        raise ValueError(
+            f"deltadq: no dropout group in {candidates} reaches {ratio}x on every matrix"
+        )
+    return best[1]

@@ -1,7 +1,8 @@
 """Pure-torch ground truth for every numeric format deltavault stores.
 
 Bit packing (:mod:`.packing`), group-wise quantization (:mod:`.quant`), seeded masks
-(:mod:`.prng`), the encoded-tensor container (:mod:`.encoded`) and each method's decoder
+(:mod:`.prng`), sparse index coding (:mod:`.positions`), separate quantization
+(:mod:`.separate`), the encoded-tensor container (:mod:`.encoded`) and each method's decoder
 (:mod:`.decode`). Triton kernels are tested against these functions.
 """
 
@@ -12,9 +13,11 @@ from kernels.reference.encoded import (
     Part,
     PartDtype,
     quantized_parts,
+    read_qparams,
     read_quantized,
 )
 from kernels.reference.packing import BIT_TO_PACKING, pack, packed_nbytes, unpack
+from kernels.reference.positions import CodedPositions, decode_positions, encode_positions
 from kernels.reference.prng import (
     PRNG_NAME,
     PRNG_VERSION,
@@ -34,6 +37,12 @@ from kernels.reference.quant import (
     quantize,
     quantize_values,
 )
+from kernels.reference.separate import (
+    SeparatedCodes,
+    separate_dequantize,
+    separate_quantize,
+    separated_parts,
+)
 
 __all__ = [
     "decode",
@@ -43,6 +52,14 @@ __all__ = [
     "FORMAT_VERSION",
     "quantized_parts",
     "read_quantized",
+    "read_qparams",
+    "CodedPositions",
+    "encode_positions",
+    "decode_positions",
+    "SeparatedCodes",
+    "separate_quantize",
+    "separate_dequantize",
+    "separated_parts",
     "BIT_TO_PACKING",
     "pack",
     "unpack",

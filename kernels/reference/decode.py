@@ -8,7 +8,8 @@ Formats (shapes for a delta of d_out x d_in; all decoders return fp32 d_out x d_
 - ``dare`` / ``deltadq``: kept values, already rescaled, in row-major order of a seeded mask
   (params ``prng``, ``prng_version``, ``seed``). DARE's mask keeps keys below ``threshold``;
   DeltaDQ's keeps ``keep`` of every ``dropout_group`` columns. Values are ``values.*``
-  group-quantized (1, n_kept) with ``group_size``, or a float16 ``values`` part.
+  group-quantized (1, n_kept) with ``group_size``, or a float16 ``values`` part, or (DeltaDQ's
+  separate quantization, ``kernels.reference.separate``) an inner and an outer part.
 - ``deltacome`` / ``adamix``: sigma as float16 ``sigma`` (r,), pairs ordered by bucket; for each
   width b in params ``widths`` (bucket order), ``v{b}.*`` quantizes V̂ᵀ rows (n_b, d_in) and
   ``u{b}.*`` quantizes Ûᵀ rows (n_b, d_out), both grouped along their last dim by
@@ -25,6 +26,7 @@ from torch import Tensor
 from kernels.reference.encoded import EncodedTensor, read_quantized
 from kernels.reference.prng import check_prng, group_mask, threshold_mask
 from kernels.reference.quant import dequantize
+from kernels.reference.separate import is_separated, read_separated, separate_dequantize
 
 Decoder = Callable[[EncodedTensor], Tensor]
 _DECODERS: dict[str, Decoder] = {}
@@ -73,11 +75,14 @@ def _decode_bitdelta(encoded: EncodedTensor) -> Tensor:
     return (scales.unsqueeze(2) * signs).sum(dim=0)
 
 
-def _kept_values(encoded: EncodedTensor) -> Tensor:
+def _kept_values(encoded: EncodedTensor, n_kept: int) -> Tensor:
     """(n_kept,) fp32 values of a sparse format, in row-major mask order."""
     if any(p.name == "values" for p in encoded.parts):
         return encoded.part("values").floats()
-    codes, params = read_quantized(encoded, "values", int(encoded.params["group_size"]))
+    group_size = int(encoded.params["group_size"])
+    if is_separated(encoded, "values"):
+        return separate_dequantize(read_separated(encoded, "values", group_size, n_kept))
+    codes, params = read_quantized(encoded, "values", group_size)
     return dequantize(codes, params).view(-1)
 
 
@@ -95,7 +100,7 @@ def _scatter(mask: Tensor, values: Tensor) -> Tensor:
 def _decode_dare(encoded: EncodedTensor) -> Tensor:
     seed = check_prng(encoded.params)
     mask = threshold_mask(_matrix_shape(encoded), seed, int(encoded.params["threshold"]))
-    return _scatter(mask, _kept_values(encoded))
+    return _scatter(mask, _kept_values(encoded, int(mask.sum())))
 
 
 @register_decoder("deltadq")
@@ -103,7 +108,7 @@ def _decode_deltadq(encoded: EncodedTensor) -> Tensor:
     seed = check_prng(encoded.params)
     group, keep = int(encoded.params["dropout_group"]), int(encoded.params["keep"])
     mask = group_mask(_matrix_shape(encoded), seed, group, keep)
-    return _scatter(mask, _kept_values(encoded))
+    return _scatter(mask, _kept_values(encoded, int(mask.sum())))
 
 
 @register_decoder("deltacome", "adamix")

@@ -284,12 +284,17 @@ def quantized_parts(prefix: str, codes: Tensor, params: QuantParams) -> list[Par
     return parts
 
 
+def read_qparams(encoded: EncodedTensor, prefix: str, bits: int, group_size: int) -> QuantParams:
+    """The ``bits``-bit grid stored as ``{prefix}.scales`` and, if present, ``{prefix}.zeros``."""
+    names = {p.name for p in encoded.parts}
+    scale = encoded.part(f"{prefix}.scales").floats().half()
+    zero = encoded.part(f"{prefix}.zeros").floats().half() if f"{prefix}.zeros" in names else None
+    return QuantParams(bits, group_size, scale, zero)
+
+
 def read_quantized(
     encoded: EncodedTensor, prefix: str, group_size: int
 ) -> tuple[Tensor, QuantParams]:
     """Inverse of :func:`quantized_parts`: (codes, params) of the matrix under ``prefix``."""
     codes = encoded.part(f"{prefix}.codes")
-    names = {p.name for p in encoded.parts}
-    scale = encoded.part(f"{prefix}.scales").floats().half()
-    zero = encoded.part(f"{prefix}.zeros").floats().half() if f"{prefix}.zeros" in names else None
-    return codes.codes(), QuantParams(codes.dtype.bits, group_size, scale, zero)
+    return codes.codes(), read_qparams(encoded, prefix, codes.dtype.bits, group_size)

@@ -39,6 +39,7 @@ CASES = [
     Case("deltacome", (32.0, 16.0, 8.0), unreachable=2.0),
     Case("adamix", (32.0, 16.0, 8.0), unreachable=1.1),
     Case("deltadq", (128.0, 32.0, 16.0), unreachable=2000.0),
+    Case("deltadq", (32.0, 8.0, 4.0), unreachable=2000.0, options={"parts": (4,)}),
 ]
 IDS = [
     f"{c.method}-{'-'.join(f'{k}={v}' for k, v in c.options.items())}".rstrip("-") for c in CASES
