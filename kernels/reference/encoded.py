@@ -68,6 +68,13 @@ class PartDtype(enum.StrEnum):
     def is_code(self) -> bool:
         return self not in _FLOAT_BITS
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of a float part."""
+        if self.is_code:
+            raise ValueError(f"{self} holds codes, not floats")
+        return _TO_TORCH[self]
+
     @classmethod
     def for_code_bits(cls, bits: int) -> PartDtype:
         return cls(f"uint{bits}")
@@ -273,11 +280,11 @@ class EncodedTensor:
 
 
 def quantized_parts(prefix: str, codes: Tensor, params: QuantParams) -> list[Part]:
-    """Parts ``{prefix}.codes`` (rows, cols) uint{bits}, ``{prefix}.scales`` and, when
-    asymmetric, ``{prefix}.zeros`` (rows, n_groups) float16."""
+    """Parts ``{prefix}.codes`` (rows, cols) uint{bits}, ``{prefix}.scales`` (rows, n_groups)
+    float16 or bfloat16 and, when asymmetric, ``{prefix}.zeros`` (rows, n_groups) float16."""
     parts = [
         Part.from_codes(f"{prefix}.codes", codes, params.bits),
-        Part.from_floats(f"{prefix}.scales", params.scale, PartDtype.FLOAT16),
+        Part.from_floats(f"{prefix}.scales", params.scale, PartDtype.for_torch(params.scale.dtype)),
     ]
     if params.zero is not None:
         parts.append(Part.from_floats(f"{prefix}.zeros", params.zero, PartDtype.FLOAT16))
@@ -287,7 +294,8 @@ def quantized_parts(prefix: str, codes: Tensor, params: QuantParams) -> list[Par
 def read_qparams(encoded: EncodedTensor, prefix: str, bits: int, group_size: int) -> QuantParams:
     """The ``bits``-bit grid stored as ``{prefix}.scales`` and, if present, ``{prefix}.zeros``."""
     names = {p.name for p in encoded.parts}
-    scale = encoded.part(f"{prefix}.scales").floats().half()
+    scales = encoded.part(f"{prefix}.scales")
+    scale = scales.floats().to(scales.dtype.torch_dtype)
     zero = encoded.part(f"{prefix}.zeros").floats().half() if f"{prefix}.zeros" in names else None
     return QuantParams(bits, group_size, scale, zero)
 

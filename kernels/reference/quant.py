@@ -2,7 +2,7 @@
 
 A matrix ``w`` of shape (rows, cols) is cut into groups of ``group_size`` consecutive columns
 (the input dimension of a linear layer); the last group may be shorter. Each (row, group) has
-one fp16 scale ``s`` and, when asymmetric, one fp16 zero point ``z``; codes are
+one scale ``s`` and, when asymmetric, one fp16 zero point ``z`` (in code units); codes are
 ``q = clamp(round(w / s + z), 0, 2**bits - 1)`` and ``w ≈ (q - z) * s``.
 
 - Asymmetric: ``s = (max - min) / (2**bits - 1)``, ``z = -min / s`` (a float zero: the grid
@@ -10,7 +10,11 @@ one fp16 scale ``s`` and, when asymmetric, one fp16 zero point ``z``; codes are
 - Symmetric: no stored zero; ``z = (2**bits - 1) / 2`` and ``s = 2 max|w| / (2**bits - 1)``,
   a mid-rise grid of levels ±s/2, ±3s/2, … (at 1 bit: ±max|w|).
 
-Scales and zeros are rounded to fp16 *before* the codes are computed, so the stored values are
+Scales are fp16 unless one of the matrix's scales falls outside fp16's normal range
+[2**-14, 65504]; then all of them are bfloat16 (8 exponent bits). A delta of a lightly
+fine-tuned layer (|Δ| ~ 1e-6) would otherwise get subnormal fp16 scales, whose coarse steps
+distort the grid by tens of percent; bfloat16 keeps every scale within 0.4%. Scales and zeros
+are rounded to their stored type *before* the codes are computed, so the stored values are
 exactly the ones the codes were made with. All arithmetic is fp32.
 """
 
@@ -22,8 +26,8 @@ import torch
 from torch import Tensor
 
 FP16_MAX = 65504.0
-FP16_TINY = 2.0**-24
-"""Smallest positive fp16 (subnormal); the floor for a scale, so division never hits zero."""
+FP16_MIN_NORMAL = 2.0**-14
+SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(19))
 """Shrink factors tried by the clipping search (1.0 down to 0.1), as GPTQ's ``mse`` option."""
@@ -33,7 +37,8 @@ CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(19))
 class QuantParams:
     """Per-group quantization parameters of a (rows, cols) matrix.
 
-    scale: (rows, n_groups) float16.  zero: (rows, n_groups) float16, or None when symmetric.
+    scale: (rows, n_groups) float16 or bfloat16.  zero: (rows, n_groups) float16, or None when
+    symmetric.
     """
 
     bits: int
@@ -46,6 +51,8 @@ class QuantParams:
             raise ValueError(f"bits must be 1..8, got {self.bits}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be ≥ 1, got {self.group_size}")
+        if self.scale.dtype not in SCALE_DTYPES:
+            raise ValueError(f"scales are float16 or bfloat16, got {self.scale.dtype}")
         if self.zero is not None and self.zero.shape != self.scale.shape:
             raise ValueError(f"zero {tuple(self.zero.shape)} ≠ scale {tuple(self.scale.shape)}")
 
@@ -86,40 +93,52 @@ def _grouped(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return w.reshape(rows, -1, group_size), valid.reshape(-1, group_size)
 
 
-def _to_fp16_scale(scale: Tensor) -> Tensor:
-    """fp32 scales → fp16, rounded *up*, so the grid still spans the group's range.
+def scale_dtype_for(scale: Tensor) -> torch.dtype:
+    """float16 if every fp32 scale lies in fp16's normal range, else bfloat16."""
+    fits = bool(((scale >= FP16_MIN_NORMAL) & (scale <= FP16_MAX)).all())
+    return torch.float16 if fits or scale.numel() == 0 else torch.bfloat16
 
-    Rounding down would shrink the grid and clamp the extremes by up to 2**bits · (the fp16
-    rounding error); rounding up only coarsens the step, which matters for tiny scales that
-    fall in fp16's subnormal range (below 6.1e-5).
-    """
-    if bool((scale > FP16_MAX).any()):
+
+def stored_scale(scale: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """fp32 scales → ``dtype`` (None: :func:`scale_dtype_for`), rounded *up*, so the grid
+    still spans the group's range: rounding down would shrink it and clamp the extremes."""
+    dtype = dtype or scale_dtype_for(scale)
+    info = torch.finfo(dtype)
+    if bool((scale > info.max).any()):
         raise ValueError(
-            f"a group's range needs a scale of {float(scale.max()):.3g}, above the fp16 limit "
-            f"{FP16_MAX}; values this large cannot be stored by this format"
+            f"a group's range needs a scale of {float(scale.max()):.3g}, above the {dtype} "
+            f"limit {info.max:.6g}; values this large cannot be stored by this format"
         )
-    half = scale.clamp(min=FP16_TINY).half()
-    below = half.float() < scale
-    # For positive finite fp16, the next representable value is the next bit pattern.
-    return (half.view(torch.int16) + below.to(torch.int16)).view(torch.float16)
+    stored = scale.clamp(min=info.smallest_normal if dtype == torch.bfloat16 else 2.0**-24)
+    stored = stored.to(dtype)
+    below = stored.float() < scale
+    # For positive finite floats, the next representable value is the next bit pattern.
+    return (stored.view(torch.int16) + below.to(torch.int16)).view(dtype)
 
 
 def _params_for_range(
-    lo: Tensor, hi: Tensor, bits: int, symmetric: bool
+    lo: Tensor, hi: Tensor, bits: int, symmetric: bool, dtype: torch.dtype | None
 ) -> tuple[Tensor, Tensor | None]:
     levels = (1 << bits) - 1
     if symmetric:
-        return _to_fp16_scale(2 * torch.maximum(lo.abs(), hi.abs()) / levels), None
+        return stored_scale(2 * torch.maximum(lo.abs(), hi.abs()) / levels, dtype), None
     # A constant group gets scale |min| so that its value stays exactly representable.
     span = torch.where(hi > lo, hi - lo, lo.abs())
-    scale = _to_fp16_scale(span / levels)
+    scale = stored_scale(span / levels, dtype)
     return scale, (-lo / scale.float()).half()
 
 
 def choose_qparams(
-    w: Tensor, bits: int, group_size: int, *, symmetric: bool = False, clip_search: bool = False
+    w: Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    symmetric: bool = False,
+    clip_search: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> QuantParams:
-    """Min-max parameters for (rows, cols) fp32 ``w``; returns (rows, n_groups) fp16 tensors.
+    """Min-max parameters for (rows, cols) fp32 ``w``: (rows, n_groups) scales of
+    ``scale_dtype`` (None: fp16 or, where fp16 cannot hold them, bf16) and fp16 zeros.
 
     With ``clip_search`` each group's range is shrunk about its midpoint by the factor in
     :data:`CLIP_GRID` that minimises that group's squared error (GPTQ's ``mse`` option); at
@@ -127,7 +146,7 @@ def choose_qparams(
     """
     grouped, valid = _grouped(w.float(), group_size)
     lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
-    scale, zero = _params_for_range(lo, hi, bits, symmetric)
+    scale, zero = _params_for_range(lo, hi, bits, symmetric, scale_dtype)
     best = QuantParams(bits, group_size, scale, zero)
     if not clip_search:
         return best
@@ -136,7 +155,7 @@ def choose_qparams(
     mid = torch.zeros_like(lo) if symmetric else (hi + lo) / 2
     for shrink in CLIP_GRID[1:]:
         lo_c, hi_c = mid + shrink * (lo - mid), mid + shrink * (hi - mid)
-        scale_c, zero_c = _params_for_range(lo_c, hi_c, bits, symmetric)
+        scale_c, zero_c = _params_for_range(lo_c, hi_c, bits, symmetric, scale.dtype)
         cand = QuantParams(bits, group_size, scale_c, zero_c)
         err = _group_sq_error(w, cand, valid)
         better = err < best_err

@@ -131,14 +131,14 @@ def separate_dequantize(separated: SeparatedCodes) -> Tensor:
 def separated_parts(prefix: str, separated: SeparatedCodes) -> list[Part]:
     """The parts of a separately quantized sequence under ``prefix``:
 
-    ``.codes`` (n_inner,) uint{bits}; ``.scales``/``.zeros`` (1, n_groups) float16 of the fine
-    grid; ``.window`` (n_groups,) and ``.outer`` (n_outer,) uint{fine bits};
+    ``.codes`` (n_inner,) uint{bits}; ``.scales``/``.zeros`` (1, n_groups) of the fine grid (as in
+    :func:`quantized_parts`); ``.window`` (n_groups,) and ``.outer`` (n_outer,) uint{fine bits};
     ``.outer_unary`` (n_unary,) and ``.outer_remainders`` (n_outer, k) uint1.
     """
     fine, params = separated.fine_bits, separated.params
     parts = [
         Part.from_codes(f"{prefix}.codes", separated.inner, separated.bits),
-        Part.from_floats(f"{prefix}.scales", params.scale, PartDtype.FLOAT16),
+        Part.from_floats(f"{prefix}.scales", params.scale, PartDtype.for_torch(params.scale.dtype)),
     ]
     if params.zero is not None:
         parts.append(Part.from_floats(f"{prefix}.zeros", params.zero, PartDtype.FLOAT16))

@@ -8,8 +8,11 @@ with its Gram matrix XᵀX from held-out calibration text run through the base m
 other tensors stay exact. Per method and ratio it prints the achieved exact and
 paper-style ratios over those matrices, the relative weight error ‖ΔW-ΔŴ‖/‖ΔW‖ and
 activation error ‖X(ΔW-ΔŴ)ᵀ‖/‖XΔWᵀ‖ (both over all 36 matrices together, X from a
-fourth, disjoint split), compression seconds, and the test accuracy, macro-F1 and
-agreement with the fine-tune's predictions of the model rebuilt as base + ΔŴ.
+fourth, disjoint split), compression seconds, and on the test split, for the model rebuilt
+as base + ΔŴ: accuracy, macro-F1, agreement with the fine-tune's predictions, the mean
+KL(p_ft ‖ p_rebuilt) of the topic distributions, and delta recovery
+1 - ‖z - z_ft‖ / ‖z_0 - z_ft‖ on the logits, z_0 being the model with the compressed layers'
+deltas dropped (0: no better than dropping them, 1: exact).
 A benchmark, not a test.
 """
 
@@ -23,17 +26,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compressor_svc.methods import compress, paper_ratio
-from kernels.reference import decode
+from compressor_svc.methods import compress, deltadq, paper_ratio
+from kernels.reference import EncodedTensor, decode
 from tests.models import task
 from tests.models.finetune_pair import ensure_pair
 
-METHODS = ("dare", "bitdelta", "deltacome", "deltadq", "adamix", "adamix-paper")
+METHODS = (
+    "dare",
+    "bitdelta",
+    "deltacome",
+    "deltadq",
+    "deltadq-plain",
+    "deltadq-model",
+    "adamix",
+    "adamix-paper",
+)
 # Rows that run a method with non-default options: name -> (method, options).
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     # ADAMIX as the paper allocates: the table holds V's error only.
     "adamix-paper": ("adamix", {"count_u_error": False}),
+    # DeltaDQ without separate quantization: plain codes for every survivor.
+    "deltadq-plain": ("deltadq", {"parts": (1,)}),
 }
+# DeltaDQ as the paper chooses g: one for the model, by attention-output error.
+MODEL_WIDE = ("deltadq-model",)
+PROBE_EXAMPLES = 64
 RATIOS = (8.0, 16.0, 32.0, 64.0, 128.0, 512.0)
 # BitDelta stores k sign planes plus scales, so it reaches just below 16/k x, never 16/k x
 # itself: it is measured at these targets instead of the round ones.
@@ -49,7 +66,13 @@ class Pair:
     grams: dict[str, Tensor]
     samples: dict[str, Tensor]
     test: list[task.Example]
-    finetuned_predictions: Tensor
+    finetuned_logits: Tensor
+    dropped_logits: Tensor
+    """Test logits with the targeted deltas dropped (base weights in those layers)."""
+
+    @property
+    def finetuned_predictions(self) -> Tensor:
+        return self.finetuned_logits.argmax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -64,9 +87,21 @@ class Row:
     metrics: Mapping[str, float]
 
 
-def predictions(state: Mapping[str, Tensor], examples: Sequence[task.Example]) -> Tensor:
+def logits(state: Mapping[str, Tensor], examples: Sequence[task.Example]) -> Tensor:
     classifier, tokenizer = task.open_classifier(state)
-    return task.predict_logits(classifier, tokenizer, examples).argmax(dim=1)
+    return task.predict_logits(classifier, tokenizer, examples)
+
+
+def fidelity(pair: Pair, z: Tensor) -> dict[str, float]:
+    """Agreement, mean KL(p_ft ‖ p) and delta recovery of test logits ``z``."""
+    log_p, log_ft = z.log_softmax(dim=1), pair.finetuned_logits.log_softmax(dim=1)
+    kl = (log_ft.exp() * (log_ft - log_p)).sum(dim=1).mean()
+    lost = torch.linalg.norm(pair.dropped_logits - pair.finetuned_logits)
+    return {
+        "agreement": float((z.argmax(dim=1) == pair.finetuned_predictions).float().mean()),
+        "kl": float(kl),
+        "recovery": float(1 - torch.linalg.norm(z - pair.finetuned_logits) / lost),
+    }
 
 
 def load_pair() -> Pair:
@@ -77,25 +112,49 @@ def load_pair() -> Pair:
     all_deltas = task.encoder_deltas(base, finetuned)
     stats = task.calibration_stats(pair_dir / "base")
     test = task.load_split("test")
+    deltas = {n: all_deltas[n] for n in names}
+    dropped = task.rebuild(base, finetuned, {n: torch.zeros_like(d) for n, d in deltas.items()})
     return Pair(
         base,
         finetuned,
-        {n: all_deltas[n] for n in names},
+        deltas,
         {n: stats.grams[n].float() for n in names},
         stats.samples,
         test,
-        predictions(finetuned, test),
+        logits(finetuned, test),
+        logits(dropped, test),
     )
+
+
+def attention_probe(pair: Pair) -> deltadq.ModelProbe:
+    """Squared attention-output error of the rebuilt model against the fine-tune, summed
+    over layers, on calibration headlines (the paper's criterion for DeltaDQ's g)."""
+    examples = task.load_split("calibration", PROBE_EXAMPLES)
+    reference = task.attention_outputs(pair.finetuned, examples)
+
+    def probe(approx: Mapping[str, Tensor]) -> float:
+        rebuilt = task.rebuild(pair.base, pair.finetuned, approx)
+        outputs = task.attention_outputs(rebuilt, examples)
+        return sum(float((o - r).square().sum()) for o, r in zip(outputs, reference, strict=True))
+
+    return probe
+
+
+def encode_all(pair: Pair, row_name: str, target: float) -> dict[str, EncodedTensor]:
+    """Every targeted delta compressed as ``row_name`` prescribes."""
+    if row_name in MODEL_WIDE:
+        return deltadq.compress_model(pair.deltas, target, pair.grams, probe=attention_probe(pair))
+    method, options = VARIANTS.get(row_name, (row_name, {}))
+    return {
+        n: compress(d, method, ratio=target, gram=pair.grams[n], **options)
+        for n, d in pair.deltas.items()
+    }
 
 
 def measure(pair: Pair, row_name: str, target: float) -> Row:
     """Compress every targeted delta; ``ValueError`` if the method cannot reach ``target``."""
-    method, options = VARIANTS.get(row_name, (row_name, {}))
     start = time.perf_counter()
-    encoded = {
-        n: compress(d, method, ratio=target, gram=pair.grams[n], **options)
-        for n, d in pair.deltas.items()
-    }
+    encoded = encode_all(pair, row_name, target)
     seconds = time.perf_counter() - start
     approx = {n: decode(e) for n, e in encoded.items()}
     numel = sum(e.numel for e in encoded.values())
@@ -107,9 +166,9 @@ def measure(pair: Pair, row_name: str, target: float) -> Row:
         act_num += float((x @ error.T).square().sum())
         act_den += float((x @ delta.T).square().sum())
     rebuilt = task.rebuild(pair.base, pair.finetuned, approx)
-    metrics = dict(task.evaluate(rebuilt, pair.test))
-    agree = predictions(rebuilt, pair.test) == pair.finetuned_predictions
-    metrics["agreement"] = float(agree.float().mean())
+    z = logits(rebuilt, pair.test)
+    labels = torch.tensor([example.label for example in pair.test])
+    metrics = task.classification_metrics(z, labels) | fidelity(pair, z)
     return Row(
         row_name,
         target,
@@ -122,15 +181,23 @@ def measure(pair: Pair, row_name: str, target: float) -> Row:
     )
 
 
+def metric_cells(metrics: Mapping[str, float]) -> str:
+    return (
+        f"{metrics['accuracy']:.3f} | {metrics['macro_f1']:.3f} | {metrics['agreement']:.3f} | "
+        f"{metrics['kl']:.4f} | {metrics['recovery']:.3f}"
+    )
+
+
 def reference_rows(pair: Pair) -> list[str]:
+    labels = torch.tensor([example.label for example in pair.test])
     rows = []
-    for label, state in (("base", pair.base), ("fine-tuned", pair.finetuned)):
-        metrics = task.evaluate(state, pair.test)
-        agree = float((predictions(state, pair.test) == pair.finetuned_predictions).float().mean())
-        rows.append(
-            f"| {label} | | | | | | | {metrics['accuracy']:.3f} | {metrics['macro_f1']:.3f} "
-            f"| {agree:.3f} |"
-        )
+    for label, z in (
+        ("base", logits(pair.base, pair.test)),
+        ("deltas dropped", pair.dropped_logits),
+        ("fine-tuned", pair.finetuned_logits),
+    ):
+        metrics = task.classification_metrics(z, labels) | fidelity(pair, z)
+        rows.append(f"| {label} | | | | | | | {metric_cells(metrics)} |")
     return rows
 
 
@@ -143,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     pair = load_pair()
     print(
         "| method | target | exact ratio | paper ratio | weight err | activation err | "
-        "seconds | accuracy | macro-F1 | agreement |"
+        "seconds | accuracy | macro-F1 | agreement | KL | recovery |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for line in reference_rows(pair):
         print(line, flush=True)
     for method in args.methods:
@@ -155,11 +222,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             except ValueError as exc:
                 print(f"| {method} | {target:g}x | unreachable: {str(exc)[:60]} |", flush=True)
                 continue
-            m = row.metrics
             print(
                 f"| {method} | {target:g}x | {row.ratio:.1f} | {row.paper:.1f} | "
                 f"{row.weight_error:.3f} | {row.activation_error:.3f} | {row.seconds:.1f} | "
-                f"{m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m['agreement']:.3f} |",
+                f"{metric_cells(row.metrics)} |",
                 flush=True,
             )
 

@@ -424,3 +424,29 @@ def evaluate_rebuilt(
     """Task metrics of the pair's fine-tune rebuilt from its base and reconstructed deltas."""
     base, finetuned = load_state(pair_dir / "base"), load_state(pair_dir / "finetuned")
     return evaluate(rebuild(base, finetuned, deltas), split, limit=limit)
+
+
+@torch.no_grad()
+def attention_outputs(model: ModelRef, examples: Sequence[Example]) -> list[Tensor]:
+    """Per encoder layer, its attention block's output (after the block's residual LayerNorm)
+    at the real tokens of ``examples``: (tokens x hidden), DeltaDQ's group-size criterion."""
+    classifier, tokenizer = open_classifier(model)
+    batch = tokenize(tokenizer, examples)
+    mask = batch["attention_mask"].bool()
+    outputs: list[Tensor] = []
+
+    def record(_module: nn.Module, _args: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
+        outputs.append(output[0][mask])
+
+    attentions = [
+        module
+        for name, module in classifier.encoder.named_modules()
+        if name.startswith("encoder.layer.") and name.endswith(".attention")
+    ]
+    handles = [attention.register_forward_hook(record) for attention in attentions]
+    try:
+        classifier.encoder(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs

@@ -19,6 +19,8 @@ from kernels.reference import (
     hash_keys,
     pack,
     quantize,
+    quantized_parts,
+    read_quantized,
     threshold_for_count,
     threshold_mask,
     unpack,
@@ -127,8 +129,34 @@ def test_clip_search_never_worse_than_min_max() -> None:
 
 
 def test_scale_overflow_names_the_fp16_limit() -> None:
-    with pytest.raises(ValueError, match="fp16 limit"):
-        choose_qparams(torch.tensor([[-1e6, 1e6]]), 1, 2)
+    with pytest.raises(ValueError, match=r"torch.float16 limit 65504"):
+        choose_qparams(torch.tensor([[-1e6, 1e6]]), 1, 2, scale_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("magnitude", [1e-7, 1e6])
+def test_scales_outside_fp16_become_bfloat16_and_keep_precision(magnitude: float) -> None:
+    """A tiny (or huge) delta quantizes as well as a unit one: bf16 scales, rounded up."""
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    unit = choose_qparams(w, 3, 128, clip_search=True)
+    scaled = choose_qparams(w * magnitude, 3, 128, clip_search=True)
+    assert unit.scale.dtype == torch.float16 and scaled.scale.dtype == torch.bfloat16
+    err_unit = (dequantize(quantize(w, unit), unit) - w).norm() / w.norm()
+    approx = dequantize(quantize(w * magnitude, scaled), scaled)
+    err_scaled = (approx - w * magnitude).norm() / (w * magnitude).norm()
+    assert float(err_scaled) <= 1.02 * float(err_unit)
+
+
+def test_bfloat16_scales_round_trip_through_parts() -> None:
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 1e-7
+    params = choose_qparams(w, 2, 32)
+    encoded = EncodedTensor(
+        "x", 1, (4, 64), "float32", {}, tuple(quantized_parts("w", quantize(w, params), params))
+    )
+    again = EncodedTensor.from_bytes(encoded.to_bytes())
+    codes, read = read_quantized(again, "w", 32)
+    assert again.part("w.scales").dtype is PartDtype.BFLOAT16
+    assert torch.equal(read.scale, params.scale) and read.scale.dtype == torch.bfloat16
+    assert torch.equal(dequantize(codes, read), dequantize(quantize(w, params), params))
 
 
 # ---- seeded masks --------------------------------------------------------------------
