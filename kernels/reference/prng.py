@@ -99,9 +99,15 @@ def group_mask(shape: tuple[int, int], seed: int, group_size: int, keep: int) ->
     ``keep`` elements (the tail group its share), chosen uniformly without replacement as the
     ones with the smallest keys (DeltaDQ's group-wise dropout)."""
     rows, cols = shape
+    return group_mask_from_keys(hash_keys(rows * cols, seed).view(rows, cols), group_size, keep)
+
+
+def group_mask_from_keys(keys: Tensor, group_size: int, keep: int) -> Tensor:
+    """:func:`group_mask` for (rows, cols) keys already drawn with :func:`hash_keys`, so that
+    an encoder trying many group sizes hashes each element once."""
+    rows, cols = keys.shape
     if not 1 <= keep <= group_size:
         raise ValueError(f"keep must be in 1..group_size={group_size}, got {keep}")
-    keys = hash_keys(rows * cols, seed).view(rows, cols)
     n_full = cols // group_size
     full = keys[:, : n_full * group_size].reshape(rows, n_full, group_size)
     chosen = torch.argsort(full, dim=2, stable=True)[:, :, :keep]

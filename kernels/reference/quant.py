@@ -150,14 +150,14 @@ def choose_qparams(
     best = QuantParams(bits, group_size, scale, zero)
     if not clip_search:
         return best
-    best_err = _group_sq_error(w, best, valid)
+    best_err = _group_sq_error(grouped, valid, best)
     # Shrink toward the midpoint (asymmetric) or toward zero (symmetric).
     mid = torch.zeros_like(lo) if symmetric else (hi + lo) / 2
     for shrink in CLIP_GRID[1:]:
         lo_c, hi_c = mid + shrink * (lo - mid), mid + shrink * (hi - mid)
         scale_c, zero_c = _params_for_range(lo_c, hi_c, bits, symmetric, scale.dtype)
         cand = QuantParams(bits, group_size, scale_c, zero_c)
-        err = _group_sq_error(w, cand, valid)
+        err = _group_sq_error(grouped, valid, cand)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, scale_c, scale)
@@ -167,11 +167,17 @@ def choose_qparams(
     return best
 
 
-def _group_sq_error(w: Tensor, params: QuantParams, valid: Tensor) -> Tensor:
-    """(rows, n_groups) squared error of quantizing ``w`` with ``params``."""
-    err = (dequantize(quantize(w, params), params) - w) ** 2
-    grouped, _ = _grouped(err, params.group_size)
-    return (grouped * valid).sum(dim=2)
+def _group_sq_error(grouped: Tensor, valid: Tensor, params: QuantParams) -> Tensor:
+    """(rows, n_groups) squared error of quantizing padded (rows, n_groups, group_size) values
+    with ``params``: the same arithmetic as :func:`quantize` then :func:`dequantize`, done on
+    the grouped view so the clipping search never expands scales to full size."""
+    scale = params.scale.float().unsqueeze(2)
+    if params.zero is None:
+        zero = torch.full_like(scale, ((1 << params.bits) - 1) / 2)
+    else:
+        zero = params.zero.float().unsqueeze(2)
+    codes = torch.clamp(torch.round(grouped / scale + zero), 0, (1 << params.bits) - 1)
+    return (((codes - zero) * scale - grouped).square() * valid).sum(dim=2)
 
 
 def quantize_values(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
