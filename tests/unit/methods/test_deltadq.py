@@ -72,3 +72,20 @@ def test_model_mode_without_probe_caps_groups_at_each_width() -> None:
 def test_model_mode_unreachable_ratio() -> None:
     with pytest.raises(ValueError, match="reaches"):
         compress_model({"a": heavy_tailed(8, 8, seed=6)}, 5000.0)
+
+
+@pytest.mark.parametrize("parts", [(1,), (4,)])
+def test_debias_removes_the_shrinkage_of_low_bit_codes(parts: tuple[int, ...]) -> None:
+    delta = heavy_tailed(64, 256, seed=7)
+    gram = torch.eye(256) + torch.ones(256, 256)
+
+    def projection(encoded: EncodedTensor) -> float:
+        approx = decode(encoded)
+        return float(((delta @ gram) * approx).sum() / ((delta @ gram) * delta).sum())
+
+    ratio = 8.0 if parts == (4,) else 16.0
+    shrunk = compress(delta, "deltadq", ratio=ratio, gram=gram, parts=parts)
+    unbiased = compress(delta, "deltadq", ratio=ratio, gram=gram, parts=parts, debias=True)
+    assert projection(shrunk) < 0.95
+    assert abs(projection(unbiased) - 1) < 2e-3  # fp16 rounding of the rescaled scales
+    assert ratio <= unbiased.ratio  # the gain is folded into stored scales
