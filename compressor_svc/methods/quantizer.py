@@ -35,6 +35,10 @@ from kernels.reference import (
 ColumnQuantizer = Callable[[int, Tensor], Tensor]
 """(sweep position j, current column (rows,)) → dequantized column (rows,)."""
 
+FACTOR_SCALES = torch.float16
+"""Scales of quantized factors are always fp16: singular-vector entries are O(1/√d), well
+inside fp16's normal range, and one fixed type keeps GPTQ's per-group fitting uniform."""
+
 
 @dataclass(frozen=True)
 class GPTQConfig:
@@ -138,13 +142,13 @@ def gptq_rows(
     scale = torch.empty(rows, n_group, dtype=torch.float16)
     zero = None if symmetric else torch.empty(rows, n_group, dtype=torch.float16)
     if config.act_order:
-        static = choose_qparams(w, bits, group, symmetric=symmetric)
+        static = choose_qparams(w, bits, group, symmetric=symmetric, scale_dtype=FACTOR_SCALES)
         scale, zero = static.scale, static.zero
     block_size = config.block_size if config.act_order else group
 
     def on_block(start: int, block: Tensor) -> None:
         # Without act-order, blocks coincide with groups: fit the group on current weights.
-        fitted = choose_qparams(block, bits, group, symmetric=symmetric)
+        fitted = choose_qparams(block, bits, group, symmetric=symmetric, scale_dtype=FACTOR_SCALES)
         scale[:, start // group] = fitted.scale[:, 0]
         if zero is not None and fitted.zero is not None:
             zero[:, start // group] = fitted.zero[:, 0]
@@ -193,7 +197,9 @@ def gptq_columns(
     def quantize_column(j: int, column: Tensor) -> Tensor:
         original = int(perm[j])
         row_vector = column.unsqueeze(0)
-        fitted = choose_qparams(row_vector, bits[original], config.group_size)
+        fitted = choose_qparams(
+            row_vector, bits[original], config.group_size, scale_dtype=FACTOR_SCALES
+        )
         params[original] = fitted
         codes_t[original] = quantize(row_vector, fitted)[0]
         return dequantize(codes_t[original].unsqueeze(0), fitted)[0]

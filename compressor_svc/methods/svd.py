@@ -25,6 +25,7 @@ from torch import Tensor
 
 from compressor_svc.methods.base import Target
 from compressor_svc.methods.quantizer import (
+    FACTOR_SCALES,
     GPTQConfig,
     QuantizedMatrix,
     damped_hessian,
@@ -107,7 +108,7 @@ def u_errors(
     towards keeping many pairs at low widths, whose U error it never sees.
     """
     u_rows = factors.u.T.contiguous()
-    params = choose_qparams(u_rows, bits, group_size)
+    params = choose_qparams(u_rows, bits, group_size, scale_dtype=FACTOR_SCALES)
     delta_u = u_rows - dequantize(quantize(u_rows, params), params)
     h = activation_hessian(gram, v_hat.shape[1])
     return factors.s**2 * delta_u.square().sum(dim=1) * ((v_hat @ h) * v_hat).sum(dim=1)
