@@ -40,7 +40,7 @@ from kernels.reference import (
 )
 
 FP16_BITS = 16
-GROUP_OVERHEAD_BITS = 32  # fp16 scale + fp16 zero
+GROUP_OVERHEAD_BITS = 32  # 16-bit scale (fp16, or bf16 out of range) + fp16 zero
 
 
 @dataclass(frozen=True)

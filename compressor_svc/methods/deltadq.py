@@ -16,7 +16,8 @@ deltas do. m = 1 is plain ``bits``-bit codes.
 
 Exact accounting: positions of survivors cost 0 bits (a seeded mask; seed and PRNG name in
 params). Every row keeps the same count, so survivors form a dense row-major sequence,
-quantized with an fp16 scale + zero per ``quant_group_size`` survivors and a clipping search.
+quantized with a 16-bit scale + fp16 zero per ``quant_group_size`` survivors and a clipping
+search.
 
 The ratio fixes p (SCIENCE.md pitfall 11): for each candidate (bits, g) the largest k that
 fits the budget is taken, and candidates that cannot land within 10% of the target are
@@ -71,7 +72,7 @@ from kernels.reference import (
 )
 from kernels.reference.quant import stored_scale
 
-GROUP_OVERHEAD_BITS = 32  # fp16 scale + fp16 zero
+GROUP_OVERHEAD_BITS = 32  # 16-bit scale (fp16, or bf16 out of range) + fp16 zero
 DEFAULT_BITS = (1, 2, 3, 4)
 DEFAULT_PARTS = (1, 2, 4)
 BASE_QUANT_GROUP = 128
