@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) -m clients.demo
+	$(PY) -m tests.e2e.demo
 
 test: install lint
 	$(PY) -m pytest

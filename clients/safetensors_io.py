@@ -122,3 +122,98 @@ def _shard_paths(path: Path) -> list[Path]:
     if not found:
         raise CheckpointError(f"{path} holds no .safetensors files")
     return found
+
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor will be, before its bytes exist: enough to lay out a file's header."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty(0, dtype=self.dtype).element_size()
+
+
+class StreamingWriter:
+    """Writes one ``.safetensors`` file tensor by tensor, never holding more than one.
+
+    The header (names, dtypes, shapes, offsets) is laid out from ``specs`` up front, so the
+    tensors must then be written in that order, each matching its spec. The file is written
+    to ``path.partial`` and renamed into place by :meth:`close` only when every tensor came.
+    """
+
+    def __init__(
+        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None:
+        self.path = path
+        self._specs = specs
+        self._next = 0
+        self._partial = path.with_name(path.name + ".partial")
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for spec in specs:
+            end = offset + spec.nbytes
+            header[spec.name] = {
+                "dtype": SAFETENSORS_DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._file = self._partial.open("wb")
+        self._file.write(len(blob).to_bytes(8, "little") + blob)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path}: no tensor is expected after the last ({name!r})")
+        spec = self._specs[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
+            raise ValueError(
+                f"{self.path}: expected {spec.name!r} {spec.dtype} {list(spec.shape)}, got "
+                f"{name!r} {tensor.dtype} {list(tensor.shape)}"
+            )
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(flat.numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self._specs):
+            self._partial.unlink()
+            raise ValueError(
+                f"{self.path}: {len(self._specs) - self._next} tensor(s) were never written"
+            )
+        self._partial.replace(self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._partial.unlink(missing_ok=True)
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``F16``, ``BF16``, ...)."""
+    for dtype, name in SAFETENSORS_DTYPES.items():
+        if name == code:
+            return dtype
+    raise CheckpointError(f"safetensors dtype {code!r} is not supported")

@@ -4,7 +4,8 @@ gRPC statuses and records per-RPC metrics.
 Streaming handlers are wrapped *while they are iterated*, so an error raised mid-stream
 is mapped like any other. Domain errors carry their status code and structured details;
 backend errors become UNAVAILABLE (transient) or INTERNAL; anything else is logged with
-its traceback and answered with a generic INTERNAL that reveals nothing.
+its traceback and answered with a generic INTERNAL that reveals nothing. The compressor
+runs behind the same interceptor; a status the store returned to it passes through.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from clients.errors import DeltaVaultError
 from store_svc.backends.base import BackendError, BackendUnavailable, ObjectNotFound
 from store_svc.errors import StoreError
 from store_svc.identity import caller_from_metadata, current_caller
@@ -32,6 +34,8 @@ Observer = Callable[[str, grpc.StatusCode, float], None]
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any]]:
     if isinstance(exc, StoreError):
         return exc.code, str(exc), list(exc.details())
+    if isinstance(exc, DeltaVaultError):  # a downstream deltavault service's status, kept
+        return exc.code, str(exc), []
     if isinstance(exc, ObjectNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc), []
     if isinstance(exc, BackendUnavailable):
@@ -107,7 +111,8 @@ class CallInterceptor(grpc.ServerInterceptor):
                 return behavior(request, context)
             except Exception as exc:
                 code = _fail(context, exc)
-                return None
+                # Abort rather than return None, which gRPC would try to serialize.
+                context.abort(code, _status_for(exc)[1])
             finally:
                 current_caller.reset(token)
                 self._observe(method, code, time.perf_counter() - start)

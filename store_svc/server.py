@@ -125,6 +125,20 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
     return StoreServer(server, port, health_servicer, repo, metrics, config, io)
 
 
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT (both services drain after it)."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.info("signal %d: draining in-flight calls", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+
+
 def serve(config: StoreConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     store = build_server(config)
@@ -136,15 +150,6 @@ def serve(config: StoreConfig) -> None:
         store.metrics_port,
         config.backend.value,
     )
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del frame
-        log.info("signal %d: draining in-flight calls", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    wait_for_signal()
     store.stop()
     log.info("stopped")

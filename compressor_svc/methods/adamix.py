@@ -123,7 +123,7 @@ def error_table(target: Target, config: AdamixConfig) -> ErrorTable:
     return ErrorTable(factors, errors, costs, v_quantized)
 
 
-def _encode_choice(
+def encode_choice(
     target: Target,
     table: ErrorTable,
     choice: np.ndarray[Any, np.dtype[np.int64]],
@@ -173,7 +173,7 @@ class Adamix(Method[AdamixConfig]):
         choice = allocate_bits(
             table.errors, table.costs, target.budget, max_distinct_widths=config.max_distinct_widths
         )
-        return _encode_choice(target, table, choice, config)
+        return encode_choice(target, table, choice, config)
 
     @override
     def paper_bits(self, encoded: EncodedTensor) -> int:
@@ -211,6 +211,6 @@ def compress_model(
     out, start = {}, 0
     for name, (target, table) in tables.items():
         stop = start + table.errors.shape[0]
-        out[name] = _encode_choice(target, table, choice[start:stop], config)
+        out[name] = encode_choice(target, table, choice[start:stop], config)
         start = stop
     return out

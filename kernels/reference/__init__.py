@@ -6,7 +6,7 @@ Bit packing (:mod:`.packing`), group-wise quantization (:mod:`.quant`), seeded m
 (:mod:`.decode`). Triton kernels are tested against these functions.
 """
 
-from kernels.reference.decode import decode
+from kernels.reference.decode import apply_delta, decode, rebuild
 from kernels.reference.encoded import (
     FORMAT_VERSION,
     EncodedTensor,
@@ -47,6 +47,8 @@ from kernels.reference.separate import (
 
 __all__ = [
     "decode",
+    "apply_delta",
+    "rebuild",
     "EncodedTensor",
     "Part",
     "PartDtype",

@@ -2,7 +2,10 @@
 
 Formats (shapes for a delta of d_out x d_in; all decoders return fp32 d_out x d_in):
 
-- ``lossless``: part ``delta`` at the delta's own dtype.
+- ``lossless``: part ``delta`` (any shape) at float16, bfloat16 or float32, or, when sparser,
+  its non-zero ``delta.values`` at ``delta.positions_*`` (Rice-coded flat indices); when
+  some elements' delta does not rebuild the fine-tuned value exactly, ``fix.positions_*``
+  and ``fix.values`` (the fine-tuned values there, at their dtype): see :func:`rebuild`.
 - ``bitdelta``: ``signs`` uint1 (levels, d_out, d_in), 1 → +1 and 0 → -1; ``scales`` float32
   (levels, d_out) per row or (levels, 1) per matrix. ΔŴ = Σ_l scales_l ⊙ (2·signs_l - 1).
 - ``dare`` / ``deltadq``: kept values, already rescaled, in row-major order of a seeded mask
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor
 
 from kernels.reference.encoded import EncodedTensor, read_quantized
+from kernels.reference.positions import decode_positions, read_position_parts
 from kernels.reference.prng import check_prng, group_mask, threshold_mask
 from kernels.reference.quant import dequantize
 from kernels.reference.separate import is_separated, read_separated, separate_dequantize
@@ -65,7 +69,15 @@ def _matrix_shape(encoded: EncodedTensor) -> tuple[int, int]:
 
 @register_decoder("lossless")
 def _decode_lossless(encoded: EncodedTensor) -> Tensor:
-    return encoded.part("delta").floats()
+    if not any(p.name == "delta.values" for p in encoded.parts):
+        return encoded.part("delta").floats()
+    numel = 1
+    for dim in encoded.shape:
+        numel *= dim
+    positions = decode_positions(read_position_parts(encoded, "delta.positions"), numel)
+    out = torch.zeros(numel)
+    out[positions] = encoded.part("delta.values").floats()
+    return out.view(encoded.shape)
 
 
 @register_decoder("bitdelta")
@@ -128,3 +140,23 @@ def _decode_svd(encoded: EncodedTensor) -> Tensor:
     if start != sigma.numel():
         raise ValueError(f"{sigma.numel()} singular values stored for {start} quantized pairs")
     return out
+
+
+def rebuild(base: Tensor, encoded: EncodedTensor, dtype: torch.dtype) -> Tensor:
+    """The fine-tuned tensor from its base: ``apply_delta(base, decode(encoded), dtype)``, then
+    a lossless encoding's ``fix.values`` written at ``fix.positions`` (the elements whose
+    float32 delta does not round back to the fine-tuned value), so lossless is bit-exact."""
+    out = apply_delta(base, decode(encoded), dtype)
+    if encoded.method == "lossless" and any(p.name == "fix.values" for p in encoded.parts):
+        coded = read_position_parts(encoded, "fix.positions")
+        positions = decode_positions(coded, out.numel())
+        out.view(-1)[positions] = encoded.part("fix.values").floats().to(dtype)
+    return out
+
+
+def apply_delta(base: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
+    """W_base + ΔŴ added in fp32 and rounded once to ``dtype``: how every reader rebuilds a
+    fine-tuned tensor, and the rule a lossless delta is checked against."""
+    if tuple(base.shape) != tuple(delta.shape):
+        raise ValueError(f"base {tuple(base.shape)} and delta {tuple(delta.shape)} differ")
+    return (base.float() + delta.float()).to(dtype)

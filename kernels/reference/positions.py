@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels.reference.encoded import EncodedTensor, Part
+
 MAX_RICE_PARAMETER = 31
 
 
@@ -93,3 +95,20 @@ def decode_positions(coded: CodedPositions, length: int) -> Tensor:
     if count and int(positions[-1]) >= length:
         raise ValueError(f"decoded position {int(positions[-1])} is outside [0, {length})")
     return positions
+
+
+def position_parts(prefix: str, coded: CodedPositions) -> list[Part]:
+    """Parts ``{prefix}_unary`` (n_unary,) and ``{prefix}_remainders`` (count, k), uint1."""
+    return [
+        Part.from_codes(f"{prefix}_unary", coded.unary, 1),
+        Part.from_codes(f"{prefix}_remainders", coded.remainders, 1),
+    ]
+
+
+def read_position_parts(encoded: EncodedTensor, prefix: str) -> CodedPositions:
+    """Inverse of :func:`position_parts`."""
+    remainders = encoded.part(f"{prefix}_remainders").codes()
+    if remainders.dim() != 2:
+        raise ValueError(f"{prefix}_remainders must be 2-D, got {tuple(remainders.shape)}")
+    unary = encoded.part(f"{prefix}_unary").codes()
+    return CodedPositions(int(remainders.shape[1]), unary, remainders)

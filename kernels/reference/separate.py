@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from kernels.reference.encoded import EncodedTensor, Part, PartDtype, read_qparams
-from kernels.reference.positions import CodedPositions, decode_positions, encode_positions
+from kernels.reference.positions import (
+    CodedPositions,
+    decode_positions,
+    encode_positions,
+    position_parts,
+    read_position_parts,
+)
 from kernels.reference.quant import (
     QuantParams,
     choose_qparams,
@@ -146,8 +152,7 @@ def separated_parts(prefix: str, separated: SeparatedCodes) -> list[Part]:
         *parts,
         Part.from_codes(f"{prefix}.window", separated.window, fine),
         Part.from_codes(f"{prefix}.outer", separated.outer, fine),
-        Part.from_codes(f"{prefix}.outer_unary", separated.positions.unary, 1),
-        Part.from_codes(f"{prefix}.outer_remainders", separated.positions.remainders, 1),
+        *position_parts(f"{prefix}.outer", separated.positions),
     ]
 
 
@@ -161,12 +166,7 @@ def read_separated(
     """Inverse of :func:`separated_parts` for a sequence of ``length`` values."""
     inner, window = encoded.part(f"{prefix}.codes"), encoded.part(f"{prefix}.window")
     params = read_qparams(encoded, prefix, window.dtype.bits, group_size)
-    remainders = encoded.part(f"{prefix}.outer_remainders").codes()
-    if remainders.dim() != 2:
-        raise ValueError(f"{prefix}.outer_remainders must be 2-D, got {tuple(remainders.shape)}")
-    positions = CodedPositions(
-        int(remainders.shape[1]), encoded.part(f"{prefix}.outer_unary").codes(), remainders
-    )
+    positions = read_position_parts(encoded, f"{prefix}.outer")
     return SeparatedCodes(
         inner.dtype.bits,
         length,

@@ -320,6 +320,7 @@ class CompressResult(_message.Message):
     BYTES_STORED_FIELD_NUMBER: _builtins.int
     NEW_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
+    LOSSY_RATIO_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     tensor_count: _builtins.int
     ratio: _builtins.float
@@ -329,6 +330,8 @@ class CompressResult(_message.Message):
     new_chunk_bytes: _builtins.int
     """of which newly written"""
     seconds: _builtins.float
+    lossy_ratio: _builtins.float
+    """over the lossy-compressed tensors only (how the papers count)"""
     @_builtins.property
     def manifest(self) -> _common_pb2.Digest: ...
     def __init__(
@@ -341,10 +344,11 @@ class CompressResult(_message.Message):
         bytes_stored: _builtins.int = ...,
         new_chunk_bytes: _builtins.int = ...,
         seconds: _builtins.float = ...,
+        lossy_ratio: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_stored", b"bytes_stored", "manifest", b"manifest", "new_chunk_bytes", b"new_chunk_bytes", "ratio", b"ratio", "ref", b"ref", "seconds", b"seconds", "tensor_count", b"tensor_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_stored", b"bytes_stored", "lossy_ratio", b"lossy_ratio", "manifest", b"manifest", "new_chunk_bytes", b"new_chunk_bytes", "ratio", b"ratio", "ref", b"ref", "seconds", b"seconds", "tensor_count", b"tensor_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,7 +393,7 @@ class ReconstructHeader(_message.Message):
     add_base: _builtins.bool
     """if set, the client streams base frames and gets base + delta back"""
     out_dtype: _builtins.str
-    """dtype of returned tensors; empty: the fine-tuned dtype"""
+    """dtype of returned tensors; empty: float32 deltas, or the fine-tuned dtype with add_base"""
     @_builtins.property
     def manifest(self) -> _common_pb2.Digest:
         """alternative to ref"""
@@ -496,13 +500,19 @@ class PlanHeader(_message.Message):
     LOSSY_PATTERNS_FIELD_NUMBER: _builtins.int
     METHOD_OPTIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty: adamix and deltadq"""
+
     @_builtins.property
-    def ratios(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def ratios(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """empty: 8, 16, 32"""
+
     @_builtins.property
     def lossy_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def method_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def method_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """keys "METHOD.OPTION", e.g. "deltadq.debias" """
+
     def __init__(
         self,
         *,

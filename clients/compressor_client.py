@@ -1,0 +1,126 @@
+"""``CompressorClient``: the compressor's three streams from Python.
+
+Tensors go out as frames, produced lazily from whatever iterable the caller passes (a
+checkpoint read one tensor at a time), so the client holds one frame in memory; gRPC's flow
+control makes a slow server slow the reader down. Errors arrive as ``clients.errors``
+exceptions; streams are never retried (a half-sent Compress commits nothing, so the caller
+can simply run it again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+from torch import Tensor
+
+from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
+from clients.channel import MiB, open_channel
+from clients.encoding import FrameAssembler, FrameError, tensor_frames
+from clients.errors import DataLossError, from_rpc_error
+
+T = TypeVar("T")
+
+DEFAULT_FRAME_BYTES = 1 * MiB
+DEFAULT_STREAM_TIMEOUT = 24 * 3600.0
+"""Deadline of one stream: compressing a large model on CPU takes hours."""
+
+RoleTensor = tuple[str, "compressor_pb2.TensorRole.ValueType", Tensor]
+"""(tensor name, role, tensor) as the compressor's input."""
+
+
+class CompressorClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        channel: grpc.Channel | None = None,
+        frame_bytes: int = DEFAULT_FRAME_BYTES,
+        timeout: float = DEFAULT_STREAM_TIMEOUT,
+    ) -> None:
+        self.target = target
+        self._channel = channel or open_channel(target)
+        self._stub = compressor_pb2_grpc.CompressorStub(self._channel)
+        self._frame_bytes = frame_bytes
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CompressorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def compress(
+        self, header: compressor_pb2.CompressHeader, tensors: Iterable[RoleTensor]
+    ) -> Iterator[compressor_pb2.CompressResponse]:
+        """One event per tensor as the server finishes it, then the result."""
+
+        def requests() -> Iterator[compressor_pb2.CompressRequest]:
+            yield compressor_pb2.CompressRequest(header=header)
+            for frame in self._frames(tensors):
+                yield compressor_pb2.CompressRequest(frame=frame)
+            yield compressor_pb2.CompressRequest(end=compressor_pb2.End())
+
+        return _raising(self._stub.Compress(requests(), timeout=self._timeout))
+
+    def plan(
+        self, header: compressor_pb2.PlanHeader, tensors: Iterable[RoleTensor]
+    ) -> Iterator[compressor_pb2.PlanResponse]:
+        """Per lossy tensor, the estimates of every planned method and ratio."""
+
+        def requests() -> Iterator[compressor_pb2.PlanRequest]:
+            yield compressor_pb2.PlanRequest(header=header)
+            for frame in self._frames(tensors):
+                yield compressor_pb2.PlanRequest(frame=frame)
+            yield compressor_pb2.PlanRequest(end=compressor_pb2.End())
+
+        return _raising(self._stub.Plan(requests(), timeout=self._timeout))
+
+    def reconstruct(
+        self,
+        header: compressor_pb2.ReconstructHeader,
+        base: Iterable[tuple[str, Tensor]] = (),
+        *,
+        max_tensor_bytes: int = 1 << 40,
+    ) -> Iterator[tuple[str, Tensor]]:
+        """(name, tensor) per tensor: deltas, or with ``header.add_base`` the rebuilt weights
+        of the ``base`` tensors streamed in."""
+
+        def requests() -> Iterator[compressor_pb2.ReconstructRequest]:
+            yield compressor_pb2.ReconstructRequest(header=header)
+            if header.add_base:
+                role = compressor_pb2.TENSOR_ROLE_BASE
+                for frame in self._frames((name, role, t) for name, t in base):
+                    yield compressor_pb2.ReconstructRequest(base=frame)
+            yield compressor_pb2.ReconstructRequest(end=compressor_pb2.End())
+
+        frames = FrameAssembler(max_tensor_bytes)
+        for response in _raising(self._stub.Reconstruct(requests(), timeout=self._timeout)):
+            try:
+                tensor = frames.add(response.frame)
+            except FrameError as exc:
+                raise DataLossError(str(exc), grpc.StatusCode.DATA_LOSS) from None
+            if tensor is not None:
+                yield response.frame.name, tensor
+
+    def _frames(self, tensors: Iterable[RoleTensor]) -> Iterator[compressor_pb2.TensorFrame]:
+        for name, role, tensor in tensors:
+            yield from tensor_frames(name, role, tensor, self._frame_bytes)
+
+
+def _raising(responses: Iterator[T]) -> Iterator[T]:
+    """Iterate a response stream, turning a failed call into a ``DeltaVaultError``."""
+    try:
+        yield from responses
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None

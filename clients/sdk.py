@@ -1,0 +1,619 @@
+"""``DeltaVault``: the Python SDK. Compress a fine-tune against its base into the store,
+pull it back as an HF-loadable checkpoint or into a live torch module, plan, list, delete,
+collect garbage and verify.
+
+Checkpoints are read one tensor at a time (``clients.safetensors_io``) and written one
+tensor at a time, so neither side of a model ever sits in memory whole. A fine-tune may be
+a full checkpoint or a PEFT LoRA adapter (its ΔW = B·A·scale are sent as deltas).
+
+Scaling out: given several compressor endpoints (a list, or ``all:HOST:PORT`` for every
+address a DNS name has — a Kubernetes headless service), the SDK splits the model's
+tensors across them by size, each compresses its share without a ref, and the SDK commits
+one manifest that names every tensor. Compressors keep no state between calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from google.protobuf.message import Message
+from torch import Tensor, nn
+
+from clients._generated.deltavault.common.v1 import common_pb2
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.calibration import GramSet
+from clients.compressor_client import CompressorClient, RoleTensor
+from clients.encoding import WIRE_DTYPES, decode_entry, rebuild_tensor
+from clients.lora import LoraAdapter, resolve_names
+from clients.safetensors_io import (
+    INDEX_FILE,
+    Checkpoint,
+    CheckpointError,
+    StreamingWriter,
+    TensorInfo,
+    TensorSpec,
+    torch_dtype,
+)
+from clients.store_client import StoreClient
+from store_svc.digest import Digest
+
+DEFAULT_STORE = "127.0.0.1:50061"
+DEFAULT_COMPRESSOR = "127.0.0.1:50062"
+ENV_STORE = "DELTAVAULT_STORE"
+ENV_COMPRESSOR = "DELTAVAULT_COMPRESSOR"
+
+BASE = compressor_pb2.TENSOR_ROLE_BASE
+FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
+DELTA = compressor_pb2.TENSOR_ROLE_DELTA
+CALIBRATION = compressor_pb2.TENSOR_ROLE_CALIBRATION
+
+Calibration = GramSet | Mapping[str, Tensor] | Path | str | None
+Progress = Callable[["TensorReport"], None]
+
+
+def resolve_endpoints(spec: str | Sequence[str]) -> list[str]:
+    """Compressor addresses from a list, a comma-separated string, or ``all:HOST:PORT``
+    entries that expand to every IPv4/IPv6 address HOST resolves to."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in (i.strip() for i in items if i.strip()):
+        if not item.startswith("all:"):
+            out.append(item)
+            continue
+        host, _, port = item.removeprefix("all:").rpartition(":")
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        addresses = sorted({str(info[4][0]) for info in infos})
+        if not addresses:
+            raise ValueError(f"{host} resolves to no address")
+        out += [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+    if not out:
+        raise ValueError("no compressor endpoint given")
+    return out
+
+
+# --- reports -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    kind: str
+    """compressed, lossless or zero."""
+    method: str
+    numel: int
+    nbits: int
+    ratio: float
+    paper_ratio: float
+    weight_error: float
+    activation_error: float | None
+    seconds: float
+    new_chunk_bytes: int
+
+    @classmethod
+    def from_event(cls, event: compressor_pb2.TensorEvent) -> TensorReport:
+        kind = common_pb2.StorageKind.Name(event.kind).removeprefix("STORAGE_KIND_").lower()
+        error = event.error
+        return cls(
+            event.name,
+            kind,
+            event.method,
+            event.numel,
+            event.nbits,
+            event.ratio,
+            event.paper_ratio,
+            error.relative_weight_error,
+            error.relative_activation_error if error.has_activation_error else None,
+            event.seconds,
+            event.new_chunk_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    manifest: str
+    """Digest of the committed manifest, ``algorithm:hex``."""
+    ref: str
+    ratio: float
+    """Whole delta: every tensor's numel · 16 over every stored bit."""
+    lossy_ratio: float
+    """Over the lossy-compressed tensors only: how the papers count."""
+    bytes_stored: int
+    new_chunk_bytes: int
+    tensor_count: int
+    seconds: float
+    tensors: list[TensorReport] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = _finite(asdict(self))
+        return data
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    method: str
+    target_ratio: float
+    ratio: float | None
+    nbits: int | None
+    weight_error: float | None
+    activation_error: float | None
+    unavailable: str = ""
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    name: str
+    shape: tuple[int, ...]
+    estimates: list[PlanEstimate]
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: infinite ratios (nothing stored) become null."""
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def _grams(calibration: Calibration) -> Mapping[str, Tensor]:
+    if calibration is None:
+        return {}
+    if isinstance(calibration, str | Path):
+        return GramSet.load(calibration).grams
+    if isinstance(calibration, GramSet):
+        return calibration.grams
+    return calibration
+
+
+def is_lora_adapter(path: Path | str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """What to compress: a base checkpoint and a fine-tune (checkpoint or LoRA adapter)."""
+
+    base: Checkpoint
+    finetuned: Checkpoint | LoraAdapter
+    grams: Mapping[str, Tensor]
+
+    @classmethod
+    def open(cls, base: Path | str, finetuned: Path | str, calibration: Calibration) -> ModelPair:
+        tuned: Checkpoint | LoraAdapter = (
+            LoraAdapter(finetuned) if is_lora_adapter(finetuned) else Checkpoint(finetuned)
+        )
+        return cls(Checkpoint(base), tuned, _grams(calibration))
+
+    def sizes(self) -> dict[str, int]:
+        """Tensor name → bytes the compressor receives for it, in stream order."""
+        if isinstance(self.finetuned, LoraAdapter):
+            return {
+                name: 4 * _numel(self.base.info(name).shape) for name in self._lora_names().values()
+            }
+        return {
+            name: _nbytes(self.finetuned.info(name)) * (2 if name in self.base else 1)
+            for name in self.finetuned.names()
+        }
+
+    def tensors(self, names: Iterable[str]) -> Iterator[RoleTensor]:
+        """The stream for ``names``: each tensor's Gram first, then base and fine-tune (or
+        its delta); one tensor read at a time."""
+        lora = self._lora_names() if isinstance(self.finetuned, LoraAdapter) else None
+        by_base = {v: k for k, v in (lora or {}).items()}
+        for name in names:
+            if name in self.grams:
+                yield name, CALIBRATION, self.grams[name]
+            if lora is not None:
+                assert isinstance(self.finetuned, LoraAdapter)
+                module = by_base[name].removesuffix(".weight")
+                yield name, DELTA, self.finetuned.delta(module)
+                continue
+            assert isinstance(self.finetuned, Checkpoint)
+            if name in self.base:
+                yield name, BASE, self.base.get(name)
+            yield name, FINETUNED, self.finetuned.get(name)
+
+    def _lora_names(self) -> dict[str, str]:
+        assert isinstance(self.finetuned, LoraAdapter)
+        weights = [f"{m}.weight" for m in self.finetuned.modules()]
+        return resolve_names(weights, self.base.names())
+
+
+def _nbytes(info: TensorInfo) -> int:
+    return _numel(info.shape) * torch.empty(0, dtype=torch_dtype(info.dtype)).element_size()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def split_by_size(sizes: Mapping[str, int], parts: int) -> list[list[str]]:
+    """Tensor names in ``parts`` shares of near-equal bytes (largest first to the lightest
+    share), each share keeping stream order."""
+    shares: list[list[str]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        i = loads.index(min(loads))
+        shares[i].append(name)
+        loads[i] += sizes[name]
+    order = {name: i for i, name in enumerate(sizes)}
+    return [sorted(share, key=order.__getitem__) for share in shares if share]
+
+
+# --- the facade --------------------------------------------------------------------------
+
+
+class DeltaVault:
+    """The store and one or more compressors, by address (defaults: env DELTAVAULT_STORE
+    and DELTAVAULT_COMPRESSOR, then the ports ``deltavault serve`` uses)."""
+
+    def __init__(
+        self,
+        store: str | None = None,
+        compressor: str | Sequence[str] | None = None,
+        *,
+        frame_bytes: int = 1 << 20,
+    ) -> None:
+        self.store_address = store or os.environ.get(ENV_STORE, DEFAULT_STORE)
+        self._compressor_spec = compressor or os.environ.get(ENV_COMPRESSOR, DEFAULT_COMPRESSOR)
+        self._frame_bytes = frame_bytes
+        self.store = StoreClient(self.store_address)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> DeltaVault:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def compressors(self) -> list[str]:
+        return resolve_endpoints(self._compressor_spec)
+
+    # --- compress ------------------------------------------------------------------------
+
+    def compress(
+        self,
+        base: Path | str,
+        finetuned: Path | str,
+        *,
+        ref: str,
+        method: str = "adamix",
+        ratio: float | None = 16.0,
+        calibration: Calibration = None,
+        allocation: str = "per-matrix",
+        lossy: Sequence[str] = (),
+        options: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
+        base_fingerprint: str = "",
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> CompressReport:
+        """Compress ``finetuned`` against ``base`` and point ``ref`` at the result.
+
+        ``ratio`` is the target against the fp16 delta (None for ``lossless``);
+        ``allocation`` is ``per-matrix`` (the papers) or ``model`` (one budget, adamix);
+        ``lossy`` are regexes of the tensors to compress lossy (default: linear weights);
+        ``force`` moves an existing ref (else it must not exist yet).
+        """
+        pair = ModelPair.open(base, finetuned, calibration)
+        header = compressor_pb2.CompressHeader(
+            method=method,
+            ratio=ratio or 0.0,
+            allocation=_scope(allocation),
+            ref=ref,
+            force_ref=force,
+            base_fingerprint=base_fingerprint or fingerprint(pair.base),
+            lossy_patterns=list(lossy),
+            method_options={k: json.dumps(v) for k, v in (options or {}).items()},
+            labels=dict(labels or {}),
+        )
+        endpoints = self.compressors()
+        sizes = pair.sizes()
+        if len(endpoints) == 1:
+            return self._compress_on(endpoints[0], header, pair, list(sizes), progress)
+        if header.allocation == compressor_pb2.ALLOCATION_SCOPE_MODEL:
+            raise ValueError("model-wide allocation needs every matrix on one compressor")
+        return self._fan_out(endpoints, header, pair, sizes, progress)
+
+    def _compress_on(
+        self,
+        endpoint: str,
+        header: compressor_pb2.CompressHeader,
+        pair: ModelPair,
+        names: list[str],
+        progress: Progress | None,
+    ) -> CompressReport:
+        tensors: list[TensorReport] = []
+        with CompressorClient(endpoint, frame_bytes=self._frame_bytes) as client:
+            for response in client.compress(header, pair.tensors(names)):
+                if response.HasField("tensor"):
+                    report = TensorReport.from_event(response.tensor)
+                    tensors.append(report)
+                    if progress is not None:
+                        progress(report)
+                else:
+                    result = response.result
+        return CompressReport(
+            str(Digest.from_proto(result.manifest)),
+            result.ref,
+            result.ratio,
+            result.lossy_ratio,
+            result.bytes_stored,
+            result.new_chunk_bytes,
+            result.tensor_count,
+            result.seconds,
+            tensors,
+        )
+
+    def _fan_out(
+        self,
+        endpoints: list[str],
+        header: compressor_pb2.CompressHeader,
+        pair: ModelPair,
+        sizes: Mapping[str, int],
+        progress: Progress | None,
+    ) -> CompressReport:
+        started = time.perf_counter()
+        partial = compressor_pb2.CompressHeader()
+        partial.CopyFrom(header)
+        partial.ref, partial.force_ref = "", False
+        shares = split_by_size(sizes, len(endpoints))
+        with futures.ThreadPoolExecutor(len(shares)) as pool:
+            jobs = [
+                pool.submit(self._compress_on, endpoint, partial, pair, share, progress)
+                for endpoint, share in zip(endpoints, shares, strict=False)
+            ]
+            reports = [job.result() for job in jobs]
+        merged = self._merge([Digest.parse(r.manifest) for r in reports], list(sizes))
+        info = self.store.commit_manifest(merged, ref=header.ref, force=header.force_ref)
+        tensors = [t for r in reports for t in r.tensors]
+        numel, nbits = sum(t.numel for t in tensors), sum(t.nbits for t in tensors)
+        lossy = [t for t in tensors if t.kind == "compressed"]
+        lossy_bits = sum(t.nbits for t in lossy)
+        return CompressReport(
+            str(info.digest),
+            header.ref,
+            numel * 16 / nbits if nbits else float("inf"),
+            sum(t.numel for t in lossy) * 16 / lossy_bits if lossy_bits else float("inf"),
+            sum(r.bytes_stored for r in reports),
+            sum(r.new_chunk_bytes for r in reports),
+            len(merged.tensors),
+            time.perf_counter() - started,
+            tensors,
+        )
+
+    def _merge(self, digests: list[Digest], order: list[str]) -> common_pb2.Manifest:
+        """One manifest naming every tensor of the partial ones, in stream order."""
+        parts = [self.store.get_manifest(d) for d in digests]
+        merged = common_pb2.Manifest()
+        merged.CopyFrom(parts[0])
+        del merged.tensors[:]
+        entries = {t.name: t for part in parts for t in part.tensors}
+        merged.tensors.extend(entries[name] for name in order)
+        return merged
+
+    # --- plan ----------------------------------------------------------------------------
+
+    def plan(
+        self,
+        base: Path | str,
+        finetuned: Path | str,
+        *,
+        methods: Sequence[str] = ("adamix", "deltadq"),
+        ratios: Sequence[float] = (8.0, 16.0, 32.0),
+        calibration: Calibration = None,
+        lossy: Sequence[str] = (),
+        options: Mapping[str, Any] | None = None,
+    ) -> Iterator[PlanRow]:
+        """Per lossy tensor, what each method would give at each ratio (nothing stored).
+        ``options`` keys are ``METHOD.OPTION``."""
+        pair = ModelPair.open(base, finetuned, calibration)
+        header = compressor_pb2.PlanHeader(
+            methods=list(methods),
+            ratios=list(ratios),
+            lossy_patterns=list(lossy),
+            method_options={k: json.dumps(v) for k, v in (options or {}).items()},
+        )
+        with CompressorClient(self.compressors()[0], frame_bytes=self._frame_bytes) as client:
+            for response in client.plan(header, pair.tensors(list(pair.sizes()))):
+                yield PlanRow(
+                    response.name,
+                    tuple(response.shape),
+                    [_estimate(e) for e in response.estimates],
+                )
+
+    # --- read back -----------------------------------------------------------------------
+
+    def manifest(self, ref: str) -> common_pb2.Manifest:
+        return self.store.get_manifest(self.store.resolve_ref(ref))
+
+    def deltas(self, ref: str) -> Iterator[tuple[str, Tensor]]:
+        """(name, fp32 ΔŴ) of every stored non-zero delta, decoded here one at a time."""
+        for entry in self.manifest(ref).tensors:
+            if entry.kind != common_pb2.STORAGE_KIND_ZERO:
+                yield entry.name, decode_entry(self.store, entry)
+
+    def reconstruct(
+        self,
+        ref: str,
+        base: Path | str,
+        out: Path | str,
+        *,
+        dtype: torch.dtype | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> Path:
+        """Write base + ΔŴ as a checkpoint directory at ``out``: sharded like the base, its
+        config and tokenizer files copied, one tensor in memory at a time. Tensors the delta
+        does not name are the base's, unchanged. Built in ``out.partial``, then renamed."""
+        manifest = self.manifest(ref)
+        checkpoint = Checkpoint(base)
+        entries = {entry.name: entry for entry in manifest.tensors}
+        missing = [name for name in entries if name not in checkpoint]
+        if missing:
+            raise CheckpointError(f"the base at {base} lacks tensor(s) {missing[:5]} of {ref}")
+        target, staging = Path(out), Path(f"{out}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for shard, names in checkpoint.shards().items():
+            specs = [self._spec(checkpoint, name, entries.get(name), dtype) for name in names]
+            writer = StreamingWriter(staging / shard, specs)
+            try:
+                for name in names:
+                    tensor = checkpoint.get(name)
+                    if name in entries:
+                        tensor = rebuild_tensor(self.store, entries[name], tensor, dtype)
+                    elif dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    writer.write(name, tensor)
+                    if progress is not None:
+                        progress(name)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+        _copy_side_files(checkpoint, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        return target
+
+    @staticmethod
+    def _spec(
+        checkpoint: Checkpoint,
+        name: str,
+        entry: common_pb2.TensorEntry | None,
+        dtype: torch.dtype | None,
+    ) -> TensorSpec:
+        info = checkpoint.info(name)
+        stored = torch_dtype(info.dtype)
+        if entry is not None and entry.kind != common_pb2.STORAGE_KIND_ZERO:
+            stored = WIRE_DTYPES[entry.dtype]
+        if dtype is not None and stored.is_floating_point:
+            stored = dtype
+        return TensorSpec(name, info.shape, stored)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, ref: str, *, prefix: str = "") -> nn.Module:
+        """Add the stored deltas to ``model``'s weights in place (names are the manifest's
+        with ``prefix`` removed) and return it. ValueError, before any change, if a delta
+        names a tensor the model lacks or a shape differs."""
+        state = model.state_dict(keep_vars=True)
+        manifest = self.manifest(ref)
+        entries = {e.name.removeprefix(prefix): e for e in manifest.tensors}
+        problems = [
+            f"{n}: not in the model"
+            if n not in state
+            else f"{n}: model {list(state[n].shape)} != delta {list(e.shape)}"
+            for n, e in entries.items()
+            if n not in state or list(state[n].shape) != list(e.shape)
+        ]
+        if problems:
+            raise ValueError(f"cannot apply {ref}: " + "; ".join(problems[:5]))
+        for name, entry in entries.items():
+            if entry.kind != common_pb2.STORAGE_KIND_ZERO:
+                tensor = state[name]
+                tensor.copy_(rebuild_tensor(self.store, entry, tensor, tensor.dtype))
+        return model
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    def list(self, prefix: str = "") -> list[tuple[str, str]]:
+        """(ref, manifest digest) of every ref under ``prefix``."""
+        return [(ref, str(digest)) for ref, digest in self.store.list_refs(prefix)]
+
+    def delete(self, ref: str) -> str:
+        """Remove ``ref``; returns the digest it pointed at (the data goes at the next gc)."""
+        return str(self.store.delete_ref(ref))
+
+    def gc(self, *, dry_run: bool = False, grace_seconds: int | None = None) -> dict[str, Any]:
+        """Sweep unreferenced chunks and manifests older than the grace period (None: the
+        store's default); the counts, as the store reports them."""
+        response = self.store.collect_garbage(dry_run=dry_run, grace_seconds=grace_seconds or 0)
+        return _as_dict(response)
+
+    def verify(self, ref: str | None = None) -> dict[str, Any]:
+        """Re-hash every chunk (of ``ref``'s manifest, or of the whole store)."""
+        response = self.store.verify(self.store.resolve_ref(ref) if ref else None)
+        report = _as_dict(response)
+        report["damaged"] = [
+            {"key": d.key, "digest": str(Digest.from_proto(d.digest)), "problem": d.problem}
+            for d in response.damaged
+        ]
+        return report
+
+
+def _as_dict(message: Message) -> dict[str, Any]:
+    """A flat response's scalar fields by name (numbers stay numbers, unlike MessageToDict)."""
+    return {
+        f.name: getattr(message, f.name)
+        for f in message.DESCRIPTOR.fields
+        if f.type != f.TYPE_MESSAGE
+    }
+
+
+def fingerprint(checkpoint: Checkpoint) -> str:
+    """A cheap identity for a base: the names, shapes and dtypes of its tensors, hashed."""
+    listing = [
+        (n, list(checkpoint.info(n).shape), checkpoint.info(n).dtype) for n in checkpoint.names()
+    ]
+    blob = json.dumps(sorted(listing), separators=(",", ":")).encode()
+    return "layout:" + str(Digest.of(blob).hex[:32])
+
+
+def _scope(allocation: str) -> compressor_pb2.AllocationScope.ValueType:
+    scopes = {
+        "per-matrix": compressor_pb2.ALLOCATION_SCOPE_PER_MATRIX,
+        "model": compressor_pb2.ALLOCATION_SCOPE_MODEL,
+    }
+    if allocation not in scopes:
+        raise ValueError(f"allocation must be one of {sorted(scopes)}, got {allocation!r}")
+    return scopes[allocation]
+
+
+def _estimate(estimate: compressor_pb2.PlanEstimate) -> PlanEstimate:
+    if estimate.unavailable:
+        return PlanEstimate(
+            estimate.method, estimate.target_ratio, None, None, None, None, estimate.unavailable
+        )
+    error = estimate.error
+    return PlanEstimate(
+        estimate.method,
+        estimate.target_ratio,
+        estimate.ratio,
+        estimate.nbits,
+        error.relative_weight_error,
+        error.relative_activation_error if error.has_activation_error else None,
+    )
+
+
+def _copy_side_files(checkpoint: Checkpoint, out: Path) -> None:
+    for path in checkpoint.side_files():
+        shutil.copy2(path, out / path.name)
+    index = checkpoint.directory / INDEX_FILE
+    if index.is_file():
+        shutil.copy2(index, out / INDEX_FILE)

@@ -1,0 +1,189 @@
+"""What a client asks for, validated once: the Compress and Plan headers as domain values,
+and which tensors are compressed lossy.
+
+Everything here fails with :class:`~compressor_svc.errors.InvalidInput` before any tensor
+is read, so a bad request costs the client nothing but the header.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from compressor_svc.errors import InvalidInput
+from compressor_svc.methods import get_method
+from compressor_svc.methods.base import Method, check_ratio
+from store_svc.digest import Algorithm, Digest
+from store_svc.refs import RefName
+
+_EXCLUDED_SEGMENTS = frozenset({"lm_head", "classifier", "score", "wte", "wpe", "head"})
+
+
+class Scope(enum.Enum):
+    PER_MATRIX = "per-matrix"
+    """Every matrix meets the ratio (the papers)."""
+    MODEL = "model"
+    """One bit budget over every lossy matrix (ADAMIX only): two passes."""
+
+
+@dataclass(frozen=True)
+class TensorSelector:
+    """Which tensors are compressed lossy: those matching any pattern, or by default every
+    2-D ``*.weight`` of a linear layer. Embeddings, norms, LM and classifier heads are
+    excluded by default (SCIENCE.md pitfall 8); patterns override the default entirely."""
+
+    patterns: tuple[re.Pattern[str], ...] = ()
+
+    @classmethod
+    def parse(cls, patterns: Sequence[str]) -> TensorSelector:
+        compiled = []
+        for text in patterns:
+            try:
+                compiled.append(re.compile(text))
+            except re.error as exc:
+                raise InvalidInput(
+                    f"lossy pattern {text!r} is not a regular expression: {exc}"
+                ) from None
+        return cls(tuple(compiled))
+
+    def is_lossy(self, name: str, shape: Sequence[int]) -> bool:
+        if len(shape) != 2:
+            return False
+        if self.patterns:
+            return any(p.search(name) for p in self.patterns)
+        segments = name.split(".")
+        return (
+            name.endswith(".weight")
+            and not _EXCLUDED_SEGMENTS.intersection(segments)
+            and not any("embed" in s or "norm" in s.lower() for s in segments)
+        )
+
+
+def parse_options(method: Method[Any], options: Mapping[str, str]) -> dict[str, Any]:
+    """Method options from strings: each value is JSON when it parses (lists become tuples),
+    else the string itself; the method's config checks names and values."""
+    parsed: dict[str, Any] = {}
+    for key, text in options.items():
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        parsed[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        method.make_config(parsed)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"method {method.name} options: {exc}") from None
+    return parsed
+
+
+def _method(name: str) -> Method[Any]:
+    try:
+        return get_method(name)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class CompressSpec:
+    """A validated Compress header."""
+
+    method: str
+    ratio: float | None
+    scope: Scope
+    ref: str
+    expected_ref: Digest | None
+    force_ref: bool
+    base_fingerprint: str
+    selector: TensorSelector
+    options: dict[str, Any]
+    labels: dict[str, str]
+    algorithm: Algorithm
+
+    @classmethod
+    def from_proto(cls, header: compressor_pb2.CompressHeader) -> CompressSpec:
+        method = _method(header.method)
+        ratio = header.ratio if method.lossy else None
+        try:
+            check_ratio(method, ratio)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        scope = _scope(header.allocation, method.name)
+        if header.ref:
+            RefName.parse(header.ref)  # INVALID_ARGUMENT naming the rule
+        expected = None
+        if header.HasField("expected_ref_target"):
+            try:
+                expected = Digest.from_proto(header.expected_ref_target)
+            except ValueError as exc:
+                raise InvalidInput(f"expected_ref_target: {exc}") from None
+        try:
+            algorithm = (
+                Algorithm.from_proto(header.digest_algorithm)
+                if header.digest_algorithm
+                else Algorithm.BLAKE3
+            )
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        return cls(
+            method=method.name,
+            ratio=ratio,
+            scope=scope,
+            ref=header.ref,
+            expected_ref=expected,
+            force_ref=header.force_ref,
+            base_fingerprint=header.base_fingerprint,
+            selector=TensorSelector.parse(header.lossy_patterns),
+            options=parse_options(method, header.method_options),
+            labels=dict(header.labels),
+            algorithm=algorithm,
+        )
+
+
+def _scope(value: int, method: str) -> Scope:
+    if value == compressor_pb2.ALLOCATION_SCOPE_MODEL:
+        if method != "adamix":
+            raise InvalidInput(
+                f"model-wide allocation is built for adamix (one bit budget over all matrices); "
+                f"{method} allocates per matrix"
+            )
+        return Scope.MODEL
+    return Scope.PER_MATRIX
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """A validated Plan header: methods with their options, and target ratios."""
+
+    methods: dict[str, dict[str, Any]]
+    ratios: tuple[float, ...]
+    selector: TensorSelector
+
+    @classmethod
+    def from_proto(cls, header: compressor_pb2.PlanHeader) -> PlanSpec:
+        names = list(header.methods) or ["adamix", "deltadq"]
+        ratios = tuple(header.ratios) or (8.0, 16.0, 32.0)
+        per_method: dict[str, dict[str, str]] = {name: {} for name in names}
+        for key, value in header.method_options.items():
+            name, _, option = key.partition(".")
+            if name not in per_method or not option:
+                raise InvalidInput(
+                    f"plan option {key!r} must be METHOD.OPTION for a planned method {names}"
+                )
+            per_method[name][option] = value
+        methods = {}
+        for name, options in per_method.items():
+            method = _method(name)
+            if not method.lossy:
+                raise InvalidInput(f"{name} is not a lossy method; there is nothing to plan")
+            for ratio in ratios:
+                try:
+                    check_ratio(method, ratio)
+                except ValueError as exc:
+                    raise InvalidInput(str(exc)) from None
+            methods[name] = parse_options(method, options)
+        return cls(methods, ratios, TensorSelector.parse(header.lossy_patterns))

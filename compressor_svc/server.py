@@ -1,0 +1,126 @@
+"""Build and run the compressor's gRPC server: servicer, health, reflection, metrics, limits."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
+from clients.store_client import StoreClient
+from compressor_svc.config import CompressorConfig, Device
+from compressor_svc.metrics import CompressorMetrics
+from compressor_svc.service import CompressorServicer
+from store_svc.interceptors import CallInterceptor
+from store_svc.server import wait_for_signal
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = compressor_pb2.DESCRIPTOR.services_by_name["Compressor"].full_name
+
+
+def pick_device(device: Device) -> torch.device:
+    """The torch device the configuration asks for; ValueError for CUDA without a GPU."""
+    if device is Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return torch.device(device.value)
+
+
+@dataclass
+class CompressorServer:
+    """A built, not yet started, compressor. ``port``/``metrics_port`` are the bound ones."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    servicer: CompressorServicer
+    metrics: CompressorMetrics
+    config: CompressorConfig
+    device: torch.device
+    metrics_port: int | None = None
+    _metrics_http: WSGIServer | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        if self.config.metrics_port >= 0:
+            http, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
+            )
+            self._metrics_http, self.metrics_port = http, http.server_port
+        self.server.start()
+        for name in (SERVICE_NAME, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight streams finish within ``grace``, then close."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self.servicer.close()
+
+
+def build_server(config: CompressorConfig) -> CompressorServer:
+    device = pick_device(config.device)
+    torch.set_num_threads(config.threads)
+    metrics = CompressorMetrics()
+
+    def observe(method: str, code: grpc.StatusCode, seconds: float) -> None:
+        metrics.rpc_requests.labels(method, code.name).inc()
+        metrics.rpc_duration.labels(method).observe(seconds)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="compressor"),
+        interceptors=[CallInterceptor(observe)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    servicer = CompressorServicer(
+        config,
+        lambda: StoreClient(config.store, timeout=config.store_timeout_seconds),
+        metrics,
+        device,
+    )
+    compressor_pb2_grpc.add_CompressorServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return CompressorServer(server, port, health_servicer, servicer, metrics, config, device)
+
+
+def serve(config: CompressorConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    compressor = build_server(config)
+    compressor.start()
+    log.info(
+        "compressor serving on %s:%d (metrics on %s), store %s, device %s, %d torch threads",
+        config.host,
+        compressor.port,
+        compressor.metrics_port,
+        config.store,
+        compressor.device,
+        config.threads,
+    )
+    wait_for_signal()
+    compressor.stop()
+    log.info("stopped")
