@@ -13,6 +13,10 @@ Progress goes to stderr.
 
 from __future__ import annotations
 
+import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+
+# isort: split
+
 import argparse
 import json
 import sys

@@ -3,6 +3,10 @@ DELTAVAULT_COMPRESSOR_<FLAG>."""
 
 from __future__ import annotations
 
+import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+
+# isort: split
+
 import argparse
 import logging
 import os

@@ -184,13 +184,12 @@ class Encoding:
     seconds: float
 
 
-def checked_delta(item: TensorInput) -> tuple[Tensor | None, str]:
-    """(ΔW in fp32 or None when exactly zero, the fine-tuned dtype name); InvalidInput for a
+def check_inputs(item: TensorInput) -> tuple[bool, str]:
+    """(whether the delta is exactly zero, the fine-tuned dtype name); InvalidInput for a
     shape or dtype mismatch, non-finite values, or a changed non-float tensor."""
     if item.delta is not None:
         _check_finite(item.name, "delta", item.delta)
-        delta = item.delta.float()
-        return (None if not bool(delta.any()) else delta), dtype_name(item.delta.dtype)
+        return not bool(item.delta.any()), dtype_name(item.delta.dtype)
     base, finetuned = item.base, item.finetuned
     assert base is not None  # InputPairer pairs them
     assert finetuned is not None
@@ -211,17 +210,36 @@ def checked_delta(item: TensorInput) -> tuple[Tensor | None, str]:
                 f"tensor {item.name!r}: {dtype} tensors must be equal in base and fine-tune "
                 "(a delta of integers is not stored)"
             )
-        return None, dtype
+        return True, dtype
     _check_finite(item.name, "base", base)
     _check_finite(item.name, "fine-tuned", finetuned)
-    if torch.equal(base, finetuned):
-        return None, dtype
-    return finetuned.float() - base.float(), dtype
+    return torch.equal(base, finetuned), dtype
+
+
+def delta_of(item: TensorInput) -> Tensor:
+    """ΔW in fp32, in one new buffer (the inputs are left as they are)."""
+    if item.delta is not None:
+        return item.delta.to(torch.float32, copy=True)
+    assert item.base is not None
+    assert item.finetuned is not None
+    delta = item.finetuned.to(torch.float32, copy=True)
+    return delta.sub_(item.base)
+
+
+_FINITE_BLOCK = 1 << 22
 
 
 def _check_finite(name: str, side: str, tensor: Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    """InvalidInput naming the tensor if it holds NaN/Inf; checked in blocks, so the check
+    allocates a few MiB whatever the tensor's size."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    bad = sum(
+        int((~torch.isfinite(flat[i : i + _FINITE_BLOCK])).sum())
+        for i in range(0, flat.numel(), _FINITE_BLOCK)
+    )
+    if bad:
         raise InvalidInput(f"tensor {name!r}: {side} has {bad} NaN/Inf value(s)")
 
 
@@ -235,15 +253,18 @@ def error_stats(delta: Tensor, approx: Tensor, gram: Tensor | None) -> common_pb
     return stats
 
 
-def lossless_encoding(item: TensorInput, delta: Tensor) -> EncodedTensor:
-    """The exact delta: checked to rebuild the fine-tune bit for bit, or a sent delta as is."""
+def lossless_encoding(item: TensorInput) -> EncodedTensor:
+    """The exact delta: rebuilding the fine-tune bit for bit, or a sent delta as it is."""
     if item.delta is not None:
         part = Part.from_floats("delta", item.delta, PartDtype.for_torch(item.delta.dtype))
         dtype = dtype_name(item.delta.dtype)
-        return EncodedTensor("lossless", 1, tuple(delta.shape), dtype, {}, (part,))
+        return EncodedTensor("lossless", 1, tuple(item.delta.shape), dtype, {}, (part,))
     assert item.base is not None
     assert item.finetuned is not None
     return encode_exact(item.base, item.finetuned)
+
+
+EXACT = common_pb2.ErrorStats(relative_weight_error=0.0, relative_activation_error=math.nan)
 
 
 def encode_tensor(
@@ -252,37 +273,35 @@ def encode_tensor(
     """Encode ``item`` per ``spec``: (the encoding, None), or for a lossy tensor in a model-
     wide allocation (None, its delta), which the caller encodes after the first pass."""
     started = time.perf_counter()
-    delta, dtype = checked_delta(item)
-    shape = tuple(item.delta.shape if item.delta is not None else item.finetuned.shape)  # type: ignore[union-attr]
-    if delta is None:
-        return Encoding(
-            item.name,
-            common_pb2.STORAGE_KIND_ZERO,
-            shape,
-            dtype,
-            None,
-            common_pb2.ErrorStats(),
-            time.perf_counter() - started,
-        ), None
-    lossy = spec.selector.is_lossy(item.name, shape) and get_method(spec.method).lossy
-    if lossy and spec.scope is Scope.MODEL:
+    zero, dtype = check_inputs(item)
+    source = item.delta if item.delta is not None else item.finetuned
+    assert source is not None
+    shape = tuple(source.shape)
+
+    def done(
+        kind: common_pb2.StorageKind.ValueType,
+        encoded: EncodedTensor | None,
+        error: common_pb2.ErrorStats,
+    ) -> Encoding:
+        seconds = time.perf_counter() - started
+        return Encoding(item.name, kind, shape, dtype, encoded, error, seconds)
+
+    if zero:
+        return done(common_pb2.STORAGE_KIND_ZERO, None, common_pb2.ErrorStats()), None
+    if not (spec.selector.is_lossy(item.name, shape) and get_method(spec.method).lossy):
+        return done(common_pb2.STORAGE_KIND_LOSSLESS, lossless_encoding(item), EXACT), None
+    delta = delta_of(item)
+    if spec.scope is Scope.MODEL:
         return None, delta
-    if lossy:
-        gram = None if item.gram is None else item.gram.to(device)
-        try:
-            encoded = compress(
-                delta.to(device), spec.method, ratio=spec.ratio, gram=gram, **spec.options
-            )
-        except ValueError as exc:
-            raise InvalidInput(f"tensor {item.name!r}: {exc}") from None
-        kind = common_pb2.STORAGE_KIND_COMPRESSED
-    else:
-        encoded = lossless_encoding(item, delta)
-        kind = common_pb2.STORAGE_KIND_LOSSLESS
+    gram = None if item.gram is None else item.gram.to(device)
+    try:
+        encoded = compress(
+            delta.to(device), spec.method, ratio=spec.ratio, gram=gram, **spec.options
+        )
+    except ValueError as exc:
+        raise InvalidInput(f"tensor {item.name!r}: {exc}") from None
     error = error_stats(delta, decode(encoded), item.gram)
-    return Encoding(
-        item.name, kind, shape, dtype, encoded, error, time.perf_counter() - started
-    ), None
+    return done(common_pb2.STORAGE_KIND_COMPRESSED, encoded, error), None
 
 
 # --- model-wide allocation ---------------------------------------------------------------
@@ -420,16 +439,20 @@ class CompressSession:
         if current != self.spec.expected_ref:
             raise RefConflict(self.spec.ref, self.spec.expected_ref, current)
 
-    def add(self, item: TensorInput) -> Iterator[compressor_pb2.TensorEvent]:
-        """Encode and upload one tensor; its event (deferred in a model-wide allocation)."""
+    def encode(self, item: TensorInput) -> Encoding | None:
+        """Encode one tensor; None when a model-wide allocation defers it to ``finish``.
+        The caller drops ``item`` before :meth:`upload`, so its weights are freed first."""
         encoding, deferred = encode_tensor(item, self.spec, self._device)
         self._entries[item.name] = None
-        if encoding is not None:
-            yield self._store_encoding(encoding)
-        else:
+        if encoding is None:
             assert self._model is not None
             assert deferred is not None
             self._model.add(item, deferred)
+        return encoding
+
+    def upload(self, encoding: Encoding) -> compressor_pb2.TensorEvent:
+        """Store an encoding's chunks; its event."""
+        return self._store_encoding(encoding)
 
     def finish(self) -> Iterator[compressor_pb2.CompressResponse]:
         """Second pass (if any), then commit the manifest and report totals."""

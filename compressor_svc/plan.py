@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from compressor_svc.methods import compress
-from compressor_svc.pipeline import TensorInput, checked_delta, error_stats
+from compressor_svc.pipeline import TensorInput, check_inputs, delta_of, error_stats
 from compressor_svc.requests import PlanSpec
 from kernels.reference import decode
 
 
 def plan_tensor(item: TensorInput, spec: PlanSpec) -> compressor_pb2.PlanResponse | None:
     """Estimates for one tensor, or None when it would not be compressed lossy."""
-    delta, _ = checked_delta(item)
-    if delta is None or not spec.selector.is_lossy(item.name, tuple(delta.shape)):
+    zero, _ = check_inputs(item)
+    source = item.delta if item.delta is not None else item.finetuned
+    assert source is not None
+    if zero or not spec.selector.is_lossy(item.name, tuple(source.shape)):
         return None
+    delta = delta_of(item)
     response = compressor_pb2.PlanResponse(name=item.name, shape=list(delta.shape))
     for method, options in spec.methods.items():
         for ratio in spec.ratios:

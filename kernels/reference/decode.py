@@ -2,8 +2,9 @@
 
 Formats (shapes for a delta of d_out x d_in; all decoders return fp32 d_out x d_in):
 
-- ``lossless``: part ``delta`` (any shape) at float16, bfloat16 or float32, or, when sparser,
-  its non-zero ``delta.values`` at ``delta.positions_*`` (Rice-coded flat indices); when
+- ``lossless``: part ``delta`` (any shape) at float16, bfloat16 or float32, or, when smaller,
+  its rows that are not all zero, ``delta.rows`` (n_changed, numel / shape[0]), at the row
+  indices ``delta.row_positions_*`` (Rice-coded); when
   some elements' delta does not rebuild the fine-tuned value exactly, ``fix.positions_*``
   and ``fix.values`` (the fine-tuned values there, at their dtype): see :func:`rebuild`.
 - ``bitdelta``: ``signs`` uint1 (levels, d_out, d_in), 1 → +1 and 0 → -1; ``scales`` float32
@@ -69,14 +70,13 @@ def _matrix_shape(encoded: EncodedTensor) -> tuple[int, int]:
 
 @register_decoder("lossless")
 def _decode_lossless(encoded: EncodedTensor) -> Tensor:
-    if not any(p.name == "delta.values" for p in encoded.parts):
+    if not any(p.name == "delta.rows" for p in encoded.parts):
         return encoded.part("delta").floats()
-    numel = 1
-    for dim in encoded.shape:
-        numel *= dim
-    positions = decode_positions(read_position_parts(encoded, "delta.positions"), numel)
-    out = torch.zeros(numel)
-    out[positions] = encoded.part("delta.values").floats()
+    n_rows = encoded.shape[0]
+    rows = decode_positions(read_position_parts(encoded, "delta.row_positions"), n_rows)
+    values = encoded.part("delta.rows").floats()
+    out = torch.zeros(n_rows, values.shape[1] if values.dim() == 2 else 1)
+    out[rows] = values.view(len(rows), -1)
     return out.view(encoded.shape)
 
 

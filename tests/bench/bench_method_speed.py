@@ -22,6 +22,10 @@ A benchmark, not a test.
 
 from __future__ import annotations
 
+import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+
+# isort: split
+
 import argparse
 import math
 import os

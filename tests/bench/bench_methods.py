@@ -19,6 +19,10 @@ A benchmark, not a test.
 
 from __future__ import annotations
 
+import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+
+# isort: split
+
 import argparse
 import time
 from collections.abc import Mapping, Sequence

@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+
+# isort: split
+
 import argparse
-import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,37 +28,11 @@ from clients.cli import tensor_progress
 from clients.sdk import CompressReport, DeltaVault, ModelPair
 from tests.models import task
 from tests.models.finetune_pair import ensure_pair
+from tests.support.embedded import REPO_ROOT, EmbeddedServer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 METHOD_OPTIONS: dict[str, dict[str, object]] = {"deltadq": {"debias": True}}
 """DeltaDQ with its scales debiased: no systematic shrinkage of the fine-tuning effect
 (README, findings); ADAMIX with its defaults."""
-
-
-SERVE = (sys.executable, "-m", "clients.cli", "serve")
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    store: str
-    compressor: str
-
-
-def start_server(root: Path) -> tuple[subprocess.Popen[str], Endpoints]:
-    """``deltavault serve`` on free ports; its addresses from the line it prints."""
-    process = subprocess.Popen(
-        [*SERVE, "--root", str(root), "--store-port", "0", "--compressor-port", "0"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"store=(\S+) compressor=(\S+)", line)
-    if match is None:
-        process.kill()
-        raise RuntimeError(f"deltavault serve did not start: {line!r}")
-    return process, Endpoints(match.group(1), match.group(2))
 
 
 def calibration(base_dir: Path) -> GramSet:
@@ -158,20 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     pair = ensure_pair(args.pair)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    process, endpoints = start_server(args.work / "store")
-    print(f"deltavault serve: store {endpoints.store}, compressor {endpoints.compressor}")
-    try:
+    with EmbeddedServer(args.work / "store") as server:
+        print(f"deltavault serve: store {server.store}, compressor {server.compressor}")
         grams = calibration(args.pair / "base")
         print(f"calibration: {len(grams.grams)} Gram matrices from {grams.tokens} tokens")
-        with DeltaVault(endpoints.store, endpoints.compressor) as vault:
+        with DeltaVault(server.store, server.compressor) as vault:
             job = Job(vault, args.pair, grams, args.ratio, args.work)
             rows = [run_method(job, method) for method in args.methods]
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
+        code = server.stop()
     print_table(pair, rows, args.ratio)
-    print(f"server stopped cleanly (exit code {process.returncode})")
-    return 0 if process.returncode == 0 else 1
+    print(f"server stopped cleanly (exit code {code})")
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":

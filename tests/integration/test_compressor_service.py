@@ -5,14 +5,12 @@ status, name the tensor, and commit nothing."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
@@ -30,6 +28,7 @@ from clients.sdk import DeltaVault, TensorReport
 from compressor_svc.config import CompressorConfig
 from compressor_svc.server import CompressorServer, build_server
 from tests.integration.conftest import RunningStore
+from tests.support.checkpoints import write_checkpoint
 
 BASE = compressor_pb2.TENSOR_ROLE_BASE
 FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
@@ -91,25 +90,6 @@ def finetune_of(base: dict[str, Tensor], seed: int = 1) -> dict[str, Tensor]:
         tuned[name] = (base[name].float() + 0.01 * a @ b).to(base[name].dtype)
     tuned["model.embed_tokens.weight"][:3] += 0.05
     return tuned
-
-
-def write_checkpoint(directory: Path, tensors: dict[str, Tensor], shards: int = 1) -> Path:
-    """A Hugging Face style directory, sharded with an index when ``shards`` > 1."""
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps({"model_type": "toy"}))
-    names = list(tensors)
-    if shards == 1:
-        save_file(tensors, directory / "model.safetensors")
-        return directory
-    weight_map = {}
-    for i in range(shards):
-        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[i::shards]}
-        save_file(part, directory / shard)
-        weight_map.update(dict.fromkeys(part, shard))
-    index = {"metadata": {}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    return directory
 
 
 @pytest.fixture

@@ -14,17 +14,26 @@ Writes DIR/base and DIR/finetuned (``model.safetensors`` with identical encoder 
 ``head.safetensors``, ``config.json``, tokenizer files) and DIR/pair.json (sources, recipe,
 metrics, timings), built in DIR.partial and renamed into place. A run whose recipe and package
 versions match pair.json only reports (unless --force).
+
+A build takes a few minutes on 2 CPU cores (under 3.5 with another job running); a progress
+bar on stderr shows the fine-tune's steps, loss and time left.
 """
 
 from __future__ import annotations
+
+import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+
+# isort: split
 
 import argparse
 import copy
 import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +43,8 @@ import transformers
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.functional import cross_entropy
-from transformers import PreTrainedTokenizerBase
+from tqdm import tqdm
+from transformers import BertModel, PreTrainedTokenizerBase
 
 from tests.models import task
 
@@ -140,33 +150,76 @@ def lr_factor(step: int, recipe: Recipe) -> float:
     """Linear warm-up over ``warmup_steps``, then linear decay to zero at ``steps``."""
     if step < recipe.warmup_steps:
         return (step + 1) / recipe.warmup_steps
-    return max(0.0, (recipe.steps - step) / (recipe.steps - recipe.warmup_steps))
+    return max(0.0, (recipe.steps - step) / max(1, recipe.steps - recipe.warmup_steps))
 
 
-def fine_tune(
-    classifier: task.Classifier, tokenizer: PreTrainedTokenizerBase, recipe: Recipe
-) -> list[float]:
-    """Train every weight of ``classifier`` on the train split; the loss of each step."""
-    train = task.load_split("train")
-    optimizer = torch.optim.AdamW(
+@contextmanager
+def compact_vocabulary(encoder: BertModel, token_ids: Tensor) -> Iterator[Tensor]:
+    """Train only the word embedding rows of ``token_ids``; yield token id -> compact row.
+
+    A row no batch looks up has zero gradients, so AdamW (no weight decay) never moves it, yet
+    sweeps all 30,522 rows (half the encoder's weights) each step. Swapping in the ~2,900 rows
+    the train split uses, and writing them back on exit, gives bit-identical weights, faster.
+    """
+    full = encoder.embeddings.word_embeddings
+    kept = torch.unique(token_ids)  # sorted, padding id included
+    rows = torch.full((full.num_embeddings,), -1, dtype=torch.long)
+    rows[kept] = torch.arange(len(kept))
+    # from_pretrained draws no random init, which would shift the dropout masks' stream
+    encoder.embeddings.word_embeddings = nn.Embedding.from_pretrained(  # type: ignore[no-untyped-call]
+        full.weight.detach()[kept], freeze=False, padding_idx=int(rows[full.padding_idx])
+    )
+    try:
+        yield rows
+    finally:
+        with torch.no_grad():
+            full.weight[kept] = encoder.embeddings.word_embeddings.weight
+        encoder.embeddings.word_embeddings = full
+
+
+def optimizer(
+    classifier: task.Classifier, recipe: Recipe
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without weight decay over the classifier's current parameters, and its schedule."""
+    adamw = torch.optim.AdamW(
         [
             {"params": classifier.encoder.parameters(), "lr": recipe.encoder_lr},
             {"params": classifier.head.parameters(), "lr": recipe.head_lr},
         ],
         weight_decay=0.0,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
-    classifier.train()
-    losses = []
-    for indices in batch_order(len(train), recipe):
-        batch = [train[i] for i in indices]
-        labels = torch.tensor([example.label for example in batch])
-        loss = cross_entropy(classifier(task.tokenize(tokenizer, batch)), labels)
-        optimizer.zero_grad()
-        torch.autograd.backward(loss)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
+    return adamw, torch.optim.lr_scheduler.LambdaLR(adamw, lambda step: lr_factor(step, recipe))
+
+
+def fine_tune(
+    classifier: task.Classifier, tokenizer: PreTrainedTokenizerBase, recipe: Recipe
+) -> list[float]:
+    """Train every weight of ``classifier`` on the train split; the loss of each step.
+
+    Shows a progress bar (steps, loss, time left) on stderr.
+    """
+    train = task.load_split("train")
+    token_ids = task.tokenize(tokenizer, train)["input_ids"]
+    losses: list[float] = []
+    with (
+        compact_vocabulary(classifier.encoder, token_ids) as rows,
+        tqdm(desc="fine-tune", total=recipe.steps, unit="step", file=sys.stderr) as bar,
+    ):
+        adamw, schedule = optimizer(classifier, recipe)
+        classifier.train()
+        for indices in batch_order(len(train), recipe):
+            batch = [train[i] for i in indices]
+            tokens = task.tokenize(tokenizer, batch)
+            tokens["input_ids"] = rows[tokens["input_ids"]]
+            labels = torch.tensor([example.label for example in batch])
+            loss = cross_entropy(classifier(tokens), labels)
+            adamw.zero_grad()
+            torch.autograd.backward(loss)
+            adamw.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            bar.update()
     classifier.eval()
     return losses
 
@@ -196,6 +249,7 @@ def split_metrics(
 
 def build_pair(out: Path, recipe: Recipe) -> dict[str, Any]:
     """Fit the base probe, fine-tune, evaluate and write the pair; pair.json's contents."""
+    print(f"building the pair in {out} (probe, fine-tune, evaluation)", file=sys.stderr)
     torch.manual_seed(recipe.seed)
     shipped = task.shipped_model_dir()
     tokenizer = task.load_tokenizer(shipped)
