@@ -119,8 +119,13 @@ class CompressorClient:
 
 
 def _raising(responses: Iterator[T]) -> Iterator[T]:
-    """Iterate a response stream, turning a failed call into a ``DeltaVaultError``."""
+    """Iterate a response stream, turning a failed call into a ``DeltaVaultError``. The call
+    is cancelled when iteration stops early or fails, which also stops the thread that is
+    still reading and sending the request stream."""
     try:
         yield from responses
     except grpc.RpcError as error:
         raise from_rpc_error(error) from None
+    finally:
+        if isinstance(responses, grpc.Future):
+            responses.cancel()

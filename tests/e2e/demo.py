@@ -98,24 +98,25 @@ def print_table(pair: dict[str, object], rows: list[Row], ratio: float) -> None:
         "are stored lossless (exact)."
     )
     header = (
-        f"{'model':<24}{'ratio':>8}{'lossy bytes':>13}{'all bytes':>13}{'new bytes':>13}"
+        f"{'model':<24}{'ratio':>8}{'lossy bytes':>13}{'all bytes':>13}{'whole':>8}"
+        f"{'new bytes':>13}"
         f"{'accuracy':>10}{'macro-F1':>10}{'NLL':>8}{'seconds':>9}"
     )
     print(header)
-    print(f"{'base (no delta)':<24}{'':>47}{_metric_cells(base)}")
-    print(f"{'fine-tuned (original)':<24}{'':>47}{_metric_cells(tuned)}")
+    print(f"{'base (no delta)':<24}{'':>55}{_metric_cells(base)}")
+    print(f"{'fine-tuned (original)':<24}{'':>55}{_metric_cells(tuned)}")
     for row in rows:
         report = row.report
         lossy_bytes = sum(t.nbits for t in report.tensors if t.kind == "compressed") // 8
         print(
             f"{row.method + ' rebuilt':<24}{report.lossy_ratio:>7.2f}x{lossy_bytes:>13,}"
-            f"{report.bytes_stored:>13,}{report.new_chunk_bytes:>13,}"
+            f"{report.bytes_stored:>13,}{report.ratio:>7.2f}x{report.new_chunk_bytes:>13,}"
             f"{_metric_cells(row.metrics)}{row.seconds:>9.1f}"
         )
     print(
         "ratio: fp16 delta bits / stored bits over the compressed weights; all bytes: every "
-        "chunk the delta's manifest names, lossless tensors included; new bytes: not in the "
-        "store before this run."
+        "chunk the delta's manifest names, lossless tensors included; whole: the same ratio "
+        "over every tensor of the model; new bytes: not in the store before this run."
     )
 
 
