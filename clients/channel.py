@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import TracebackType
+from typing import Self
+
 import grpc
 
 MiB = 1 << 20
@@ -25,3 +28,21 @@ def open_channel(
             ("grpc.enable_retries", 0),
         ],
     )
+
+
+class Closing:
+    """``with`` support for anything with a ``close()``: the clients and the SDK."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -10,14 +10,13 @@ can simply run it again).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from types import TracebackType
 from typing import TypeVar
 
 import grpc
 from torch import Tensor
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
-from clients.channel import MiB, open_channel
+from clients.channel import Closing, MiB, open_channel
 from clients.encoding import FrameAssembler, FrameError, tensor_frames
 from clients.errors import DataLossError, from_rpc_error
 
@@ -31,7 +30,7 @@ RoleTensor = tuple[str, "compressor_pb2.TensorRole.ValueType", Tensor]
 """(tensor name, role, tensor) as the compressor's input."""
 
 
-class CompressorClient:
+class CompressorClient(Closing):
     def __init__(
         self,
         target: str,
@@ -48,17 +47,6 @@ class CompressorClient:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> CompressorClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def compress(
         self, header: compressor_pb2.CompressHeader, tensors: Iterable[RoleTensor]

@@ -13,7 +13,7 @@ from compressor_svc.__main__ import add_server_flags, config_from_args
 from compressor_svc.server import build_server as build_compressor
 from store_svc.config import StoreConfig
 from store_svc.server import build_server as build_store
-from store_svc.server import wait_for_signal
+from store_svc.serving import wait_for_signal
 
 log = logging.getLogger("deltavault.serve")
 

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.calibration import GramSet
+from clients.channel import Closing
 from clients.compressor_client import CompressorClient, RoleTensor
 from clients.encoding import WIRE_DTYPES, decode_entry, rebuild_tensor
 from clients.lora import LoraAdapter, resolve_names
@@ -262,7 +262,7 @@ def split_by_size(sizes: Mapping[str, int], parts: int) -> list[list[str]]:
 # --- the facade --------------------------------------------------------------------------
 
 
-class DeltaVault:
+class DeltaVault(Closing):
     """The store and one or more compressors, by address (defaults: env DELTAVAULT_STORE
     and DELTAVAULT_COMPRESSOR, then the ports ``deltavault serve`` uses)."""
 
@@ -280,17 +280,6 @@ class DeltaVault:
 
     def close(self) -> None:
         self.store.close()
-
-    def __enter__(self) -> DeltaVault:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def compressors(self) -> list[str]:
         return resolve_endpoints(self._compressor_spec)

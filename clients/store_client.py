@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from types import TracebackType
 from typing import TypeVar
 
 import grpc
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
-from clients.channel import MiB, open_channel
+from clients.channel import Closing, MiB, open_channel
 from clients.errors import (
     ConflictError,
     DataLossError,
@@ -76,7 +75,7 @@ def cut_chunks(
     return [(Digest.of(piece, algorithm), piece) for piece in pieces]
 
 
-class StoreClient:
+class StoreClient(Closing):
     def __init__(
         self,
         target: str,
@@ -96,17 +95,6 @@ class StoreClient:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> StoreClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- chunks -------------------------------------------------------------------------
 

@@ -10,9 +10,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from grpc_health.v1 import health
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
 from clients.store_client import StoreClient
@@ -20,7 +18,12 @@ from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.metrics import CompressorMetrics
 from compressor_svc.service import CompressorServicer
 from store_svc.interceptors import CallInterceptor
-from store_svc.server import wait_for_signal
+from store_svc.serving import (
+    add_health_and_reflection,
+    mark_serving,
+    start_metrics,
+    wait_for_signal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +54,11 @@ class CompressorServer:
     _metrics_http: WSGIServer | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        if self.config.metrics_port >= 0:
-            http, _ = start_http_server(
-                self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
-            )
-            self._metrics_http, self.metrics_port = http, http.server_port
+        self._metrics_http, self.metrics_port = start_metrics(
+            self.config.metrics_port, self.config.host, self.metrics.registry
+        )
         self.server.start()
-        for name in (SERVICE_NAME, ""):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        mark_serving(self.health, SERVICE_NAME)
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight streams finish within ``grace``, then close."""
@@ -110,16 +110,7 @@ def build_server(config: CompressorConfig) -> CompressorServer:
         device,
     )
     compressor_pb2_grpc.add_CompressorServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")

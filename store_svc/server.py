@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from grpc_health.v1 import health
 
 from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
 from store_svc.backends.base import Backend
@@ -23,6 +18,12 @@ from store_svc.interceptors import CallInterceptor
 from store_svc.metrics import StoreMetrics
 from store_svc.repository import Repository
 from store_svc.service import DeltaStoreServicer
+from store_svc.serving import (
+    add_health_and_reflection,
+    mark_serving,
+    start_metrics,
+    wait_for_signal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,11 @@ class StoreServer:
     _metrics_http: WSGIServer | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        if self.config.metrics_port >= 0:
-            http, _ = start_http_server(
-                self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
-            )
-            self._metrics_http, self.metrics_port = http, http.server_port
+        self._metrics_http, self.metrics_port = start_metrics(
+            self.config.metrics_port, self.config.host, self.metrics.registry
+        )
         self.server.start()
-        for name in (SERVICE_NAME, ""):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        mark_serving(self.health, SERVICE_NAME)
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace``, then close."""
@@ -109,34 +107,11 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
     store_pb2_grpc.add_DeltaStoreServicer_to_server(
         DeltaStoreServicer(repo, config, metrics, io), server
     )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     return StoreServer(server, port, health_servicer, repo, metrics, config, io)
-
-
-def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT (both services drain after it)."""
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del frame
-        log.info("signal %d: draining in-flight calls", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
 
 
 def serve(config: StoreConfig) -> None:

@@ -1,0 +1,62 @@
+"""What both deltavault gRPC servers share: health and reflection, the /metrics endpoint,
+the serving/not-serving switch, and waiting for SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+log = logging.getLogger(__name__)
+
+
+def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
+    """Register the standard health service and reflection for ``service_name``."""
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            service_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return health_servicer
+
+
+def start_metrics(
+    port: int, host: str, registry: CollectorRegistry
+) -> tuple[WSGIServer | None, int | None]:
+    """Serve ``registry`` on http://host:port/metrics; port 0 picks one, -1 serves nothing.
+    Returns the HTTP server (to shut down) and the bound port."""
+    if port < 0:
+        return None, None
+    http, _ = start_http_server(port, addr=host, registry=registry)
+    return http, http.server_port
+
+
+def mark_serving(health_servicer: health.HealthServicer, service_name: str) -> None:
+    for name in (service_name, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT (both services drain after it)."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.info("signal %d: draining in-flight calls", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
