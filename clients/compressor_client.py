@@ -9,8 +9,9 @@ can simply run it again).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from torch import Tensor
@@ -59,7 +60,8 @@ class CompressorClient(Closing):
                 yield compressor_pb2.CompressRequest(frame=frame)
             yield compressor_pb2.CompressRequest(end=compressor_pb2.End())
 
-        return _raising(self._stub.Compress(requests(), timeout=self._timeout))
+        outgoing = _Outgoing(requests())
+        return _raising(self._stub.Compress(iter(outgoing), timeout=self._timeout), outgoing)
 
     def plan(
         self, header: compressor_pb2.PlanHeader, tensors: Iterable[RoleTensor]
@@ -72,7 +74,8 @@ class CompressorClient(Closing):
                 yield compressor_pb2.PlanRequest(frame=frame)
             yield compressor_pb2.PlanRequest(end=compressor_pb2.End())
 
-        return _raising(self._stub.Plan(requests(), timeout=self._timeout))
+        outgoing = _Outgoing(requests())
+        return _raising(self._stub.Plan(iter(outgoing), timeout=self._timeout), outgoing)
 
     def reconstruct(
         self,
@@ -93,7 +96,9 @@ class CompressorClient(Closing):
             yield compressor_pb2.ReconstructRequest(end=compressor_pb2.End())
 
         frames = FrameAssembler(max_tensor_bytes)
-        for response in _raising(self._stub.Reconstruct(requests(), timeout=self._timeout)):
+        outgoing = _Outgoing(requests())
+        call = self._stub.Reconstruct(iter(outgoing), timeout=self._timeout)
+        for response in _raising(call, outgoing):
             try:
                 tensor = frames.add(response.frame)
             except FrameError as exc:
@@ -106,10 +111,36 @@ class CompressorClient(Closing):
             yield from tensor_frames(name, role, tensor, self._frame_bytes)
 
 
-def _raising(responses: Iterator[T]) -> Iterator[T]:
-    """Iterate a response stream, turning a failed call into a ``DeltaVaultError``. The call
-    is cancelled when iteration stops early or fails, which also stops the thread that is
-    still reading and sending the request stream."""
+class _Outgoing(Generic[T]):
+    """A request stream that gRPC reads on its own thread, made stoppable: once the call is
+    over, the reader stops at the next message and the caller waits for it to let go (a
+    process must not exit while that thread is inside a checkpoint read)."""
+
+    def __init__(self, messages: Iterator[T]) -> None:
+        self._messages = messages
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._finished = threading.Event()
+
+    def __iter__(self) -> Iterator[T]:
+        self._started.set()
+        try:
+            for message in self._messages:
+                if self._stop.is_set():
+                    return
+                yield message
+        finally:
+            self._finished.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._started.is_set():
+            self._finished.wait(timeout)
+
+
+def _raising(responses: Iterator[T], outgoing: _Outgoing[Any]) -> Iterator[T]:
+    """Iterate a response stream, turning a failed call into a ``DeltaVaultError``. When
+    iteration stops early or fails, the call is cancelled and the request reader stopped."""
     try:
         yield from responses
     except grpc.RpcError as error:
@@ -117,3 +148,4 @@ def _raising(responses: Iterator[T]) -> Iterator[T]:
     finally:
         if isinstance(responses, grpc.Future):
             responses.cancel()
+        outgoing.close()
