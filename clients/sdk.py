@@ -222,7 +222,10 @@ class ModelPair:
             if lora is not None:
                 assert isinstance(self.finetuned, LoraAdapter)
                 module = by_base[name].removesuffix(".weight")
-                yield name, DELTA, self.finetuned.delta(module)
+                # At the base's dtype: the merged weight is stored at it, and ΔW's own rounding
+                # there is far below the weight's.
+                dtype = torch_dtype(self.base.info(name).dtype)
+                yield name, DELTA, self.finetuned.delta(module).to(dtype)
                 continue
             assert isinstance(self.finetuned, Checkpoint)
             if name in self.base:

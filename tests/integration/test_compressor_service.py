@@ -5,12 +5,14 @@ status, name the tensor, and commit nothing."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
@@ -339,3 +341,31 @@ def test_errors_are_deltavault_errors_with_status_codes(client: CompressorClient
     with pytest.raises(DeltaVaultError) as caught:
         _stream(client, [], method="nope")
     assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_lora_adapter_compresses_as_deltas_of_its_modules(
+    vault: DeltaVault, pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base_dir = pair[0]
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 32, generator=generator), torch.randn(96, 4, generator=generator)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    prefix = "base_model.model.model.layers.0.mlp.up_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
+        adapter / "adapter_model.safetensors",
+    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    report = vault.compress(base_dir, adapter, ref="team/lora", method="lossless", ratio=None)
+    assert [t.name for t in report.tensors] == [LINEAR]
+    out = vault.reconstruct("team/lora", base_dir, tmp_path / "merged")
+    base = Checkpoint(base_dir)
+    want = (base.get(LINEAR).float() + b @ a * 2.0).half()
+    merged = Checkpoint(out)
+    got = merged.get(LINEAR)
+    assert got.dtype == torch.float16
+    assert (got.float() - want.float()).abs().max() <= 2 * 2**-10 * want.float().abs().max()
+    assert torch.equal(merged.get(EMBEDDING), base.get(EMBEDDING))  # not adapted: the base's
