@@ -13,7 +13,7 @@ from compressor_svc.__main__ import add_server_flags, config_from_args
 from compressor_svc.server import build_server as build_compressor
 from store_svc.config import StoreConfig
 from store_svc.server import build_server as build_store
-from store_svc.serving import wait_for_signal
+from store_svc.serving import configure_logging, wait_for_signal
 
 log = logging.getLogger("deltavault.serve")
 
@@ -33,9 +33,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 def serve_embedded(args: argparse.Namespace) -> None:
     """Run both services until SIGTERM/SIGINT; print one line with the bound addresses."""
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     args.root.mkdir(parents=True, exist_ok=True)
     store = build_store(
         StoreConfig(root=args.root, host=args.host, port=args.store_port, metrics_port=-1)

@@ -144,8 +144,7 @@ class FrameAssembler:
             )
         if any(d < 0 for d in frame.shape):
             raise FrameError(f"tensor {frame.name!r}: negative dimension in {list(frame.shape)}")
-        itemsize = torch.empty(0, dtype=WIRE_DTYPES[frame.dtype]).element_size()
-        size = math.prod(frame.shape) * itemsize
+        size = math.prod(frame.shape) * WIRE_DTYPES[frame.dtype].itemsize
         if frame.total_bytes != size:
             raise FrameError(
                 f"tensor {frame.name!r}: {frame.dtype} {list(frame.shape)} is {size} bytes, "
@@ -243,16 +242,17 @@ def decode_entry(store: StoreClient, entry: common_pb2.TensorEntry) -> Tensor:
 
 def rebuild_tensor(
     store: StoreClient,
-    entry: common_pb2.TensorEntry,
+    entry: common_pb2.TensorEntry | None,
     base: Tensor,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The fine-tuned tensor from its base and its entry, at ``dtype`` (default: the
-    fine-tuned dtype). A zero delta returns the base itself. ValueError on a shape mismatch."""
-    if list(base.shape) != list(entry.shape):
+    fine-tuned dtype). Without an entry (a tensor the delta does not name) or with a zero
+    delta, the base itself, cast only if ``dtype`` asks. ValueError on a shape mismatch."""
+    if entry is not None and list(base.shape) != list(entry.shape):
         raise ValueError(
             f"tensor {entry.name!r}: base shape {list(base.shape)} != stored {list(entry.shape)}"
         )
-    if entry.kind == common_pb2.STORAGE_KIND_ZERO:
+    if entry is None or entry.kind == common_pb2.STORAGE_KIND_ZERO:
         return base if dtype is None or not base.is_floating_point() else base.to(dtype)
     return rebuild(base, read_encoded(store, entry), dtype or WIRE_DTYPES[entry.dtype])

@@ -10,6 +10,7 @@ than memory can be walked tensor by tensor.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ class TensorInfo:
     """safetensors dtype code: ``F32``, ``F16``, ``BF16``, ``I64``, ..."""
     shard: str
     """File name of the shard holding the tensor."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch_dtype(self.dtype).itemsize
 
 
 class Checkpoint:
@@ -148,10 +153,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * torch.empty(0, dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class StreamingWriter:

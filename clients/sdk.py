@@ -33,7 +33,7 @@ from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.calibration import GramSet
 from clients.channel import Closing
-from clients.compressor_client import CompressorClient, RoleTensor
+from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient, RoleTensor
 from clients.encoding import WIRE_DTYPES, decode_entry, rebuild_tensor
 from clients.lora import LoraAdapter, resolve_names
 from clients.safetensors_io import (
@@ -41,7 +41,6 @@ from clients.safetensors_io import (
     Checkpoint,
     CheckpointError,
     StreamingWriter,
-    TensorInfo,
     TensorSpec,
     torch_dtype,
 )
@@ -203,11 +202,9 @@ class ModelPair:
     def sizes(self) -> dict[str, int]:
         """Tensor name → bytes the compressor receives for it, in stream order."""
         if isinstance(self.finetuned, LoraAdapter):
-            return {
-                name: 4 * _numel(self.base.info(name).shape) for name in self._lora_names().values()
-            }
+            return {name: self.base.info(name).nbytes for name in self._lora_names().values()}
         return {
-            name: _nbytes(self.finetuned.info(name)) * (2 if name in self.base else 1)
+            name: self.finetuned.info(name).nbytes * (2 if name in self.base else 1)
             for name in self.finetuned.names()
         }
 
@@ -238,17 +235,6 @@ class ModelPair:
         return resolve_names(weights, self.base.names())
 
 
-def _nbytes(info: TensorInfo) -> int:
-    return _numel(info.shape) * torch.empty(0, dtype=torch_dtype(info.dtype)).element_size()
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def split_by_size(sizes: Mapping[str, int], parts: int) -> list[list[str]]:
     """Tensor names in ``parts`` shares of near-equal bytes (largest first to the lightest
     share), each share keeping stream order."""
@@ -274,7 +260,7 @@ class DeltaVault(Closing):
         store: str | None = None,
         compressor: str | Sequence[str] | None = None,
         *,
-        frame_bytes: int = 1 << 20,
+        frame_bytes: int = DEFAULT_FRAME_BYTES,
     ) -> None:
         self.store_address = store or os.environ.get(ENV_STORE, DEFAULT_STORE)
         self._compressor_spec = compressor or os.environ.get(ENV_COMPRESSOR, DEFAULT_COMPRESSOR)
@@ -478,11 +464,7 @@ class DeltaVault(Closing):
             try:
                 for name in names:
                     tensor = checkpoint.get(name)
-                    if name in entries:
-                        tensor = rebuild_tensor(self.store, entries[name], tensor, dtype)
-                    elif dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    writer.write(name, tensor)
+                    writer.write(name, rebuild_tensor(self.store, entries.get(name), tensor, dtype))
                     if progress is not None:
                         progress(name)
             except BaseException:

@@ -8,7 +8,6 @@ import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
 # isort: split
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.server import serve
+from store_svc.serving import run_command
 
 _DEFAULTS = CompressorConfig()
 ENV_PREFIX = "DELTAVAULT_COMPRESSOR_"
@@ -106,17 +106,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> Compresso
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    serve(config)
-    return 0
+    return run_command(build_parser(), config_from_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,10 @@ from compressor_svc.methods.base import (
     relative_weight_error,
 )
 from compressor_svc.methods.bit_allocation import allocate_bits
-from compressor_svc.methods.lossless import encode_exact
+from compressor_svc.methods.lossless import encode_delta, encode_exact
 from compressor_svc.metrics import CompressorMetrics
 from compressor_svc.requests import CompressSpec, Scope
-from kernels.reference import EncodedTensor, Part, PartDtype, decode
+from kernels.reference import EncodedTensor, decode
 from store_svc.digest import Digest
 from store_svc.errors import RefConflict
 from store_svc.manifests import FORMAT_VERSION
@@ -83,6 +83,17 @@ class TensorInput:
     finetuned: Tensor | None
     delta: Tensor | None
     gram: Tensor | None
+
+    @property
+    def tuned(self) -> Tensor:
+        """What stands for the fine-tuned tensor: the sent delta, or the fine-tuned weights."""
+        tensor = self.delta if self.delta is not None else self.finetuned
+        assert tensor is not None  # InputPairer completes one or the other
+        return tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tuned.shape)
 
 
 @dataclass
@@ -256,9 +267,7 @@ def error_stats(delta: Tensor, approx: Tensor, gram: Tensor | None) -> common_pb
 def lossless_encoding(item: TensorInput) -> EncodedTensor:
     """The exact delta: rebuilding the fine-tune bit for bit, or a sent delta as it is."""
     if item.delta is not None:
-        part = Part.from_floats("delta", item.delta, PartDtype.for_torch(item.delta.dtype))
-        dtype = dtype_name(item.delta.dtype)
-        return EncodedTensor("lossless", 1, tuple(item.delta.shape), dtype, {}, (part,))
+        return encode_delta(item.delta)
     assert item.base is not None
     assert item.finetuned is not None
     return encode_exact(item.base, item.finetuned)
@@ -274,9 +283,7 @@ def encode_tensor(
     wide allocation (None, its delta), which the caller encodes after the first pass."""
     started = time.perf_counter()
     zero, dtype = check_inputs(item)
-    source = item.delta if item.delta is not None else item.finetuned
-    assert source is not None
-    shape = tuple(source.shape)
+    shape = item.shape
 
     def done(
         kind: common_pb2.StorageKind.ValueType,
@@ -339,7 +346,7 @@ class ModelAllocation:
         table = adamix.error_table(target, self._config)
         path = Path(self._dir.name) / f"{len(self._spilled)}.pt"
         torch.save({"target": target, "table": table}, path)
-        dtype = dtype_name((item.finetuned if item.finetuned is not None else item.delta).dtype)  # type: ignore[union-attr]
+        dtype = dtype_name(item.tuned.dtype)
         self._spilled.append(
             _Spilled(
                 item.name,

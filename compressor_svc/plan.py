@@ -17,9 +17,7 @@ from kernels.reference import decode
 def plan_tensor(item: TensorInput, spec: PlanSpec) -> compressor_pb2.PlanResponse | None:
     """Estimates for one tensor, or None when it would not be compressed lossy."""
     zero, _ = check_inputs(item)
-    source = item.delta if item.delta is not None else item.finetuned
-    assert source is not None
-    if zero or not spec.selector.is_lossy(item.name, tuple(source.shape)):
+    if zero or not spec.selector.is_lossy(item.name, item.shape):
         return None
     delta = delta_of(item)
     response = compressor_pb2.PlanResponse(name=item.name, shape=list(delta.shape))

@@ -111,15 +111,12 @@ def stream_rebuilt(
         name = request.base.name
         if base is None:
             continue
-        if name in remaining:
-            try:
-                rebuilt = rebuild_tensor(store, remaining.pop(name), base, forced)
-            except ValueError as exc:
-                raise InvalidInput(str(exc)) from None
-        elif pass_through:
-            rebuilt = base.to(forced) if forced is not None and base.is_floating_point() else base
-        else:
+        if name not in remaining and not pass_through:
             continue
+        try:
+            rebuilt = rebuild_tensor(store, remaining.pop(name, None), base, forced)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         for frame in tensor_frames(name, FINETUNED, rebuilt, frame_bytes):
             yield compressor_pb2.ReconstructResponse(frame=frame)
     else:

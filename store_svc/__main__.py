@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 from store_svc.cas import CompressionPolicy
 from store_svc.config import BackendKind, S3Settings, StoreConfig
 from store_svc.server import serve
+from store_svc.serving import run_command
 
 _DEFAULTS = StoreConfig(root=Path("."))
 
@@ -170,17 +170,7 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    serve(config)
-    return 0
+    return run_command(build_parser(), config_from_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from store_svc.repository import Repository
 from store_svc.service import DeltaStoreServicer
 from store_svc.serving import (
     add_health_and_reflection,
+    drain,
     mark_serving,
     start_metrics,
     wait_for_signal,
@@ -76,11 +77,9 @@ class StoreServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace``, then close."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace).wait()
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
+        drain(self.health, self.server, grace, self._metrics_http)
         self.io.shutdown(wait=True)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
         self.repo.close()
 
 

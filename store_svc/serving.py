@@ -3,10 +3,13 @@ the serving/not-serving switch, and waiting for SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -15,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 log = logging.getLogger(__name__)
+
+C = TypeVar("C")
 
 
 def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
@@ -46,6 +51,40 @@ def start_metrics(
 def mark_serving(health_servicer: health.HealthServicer, service_name: str) -> None:
     for name in (service_name, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def drain(
+    health_servicer: health.HealthServicer,
+    server: grpc.Server,
+    grace: float,
+    metrics_http: WSGIServer | None,
+) -> None:
+    """Report NOT_SERVING, let in-flight calls finish within ``grace``, stop /metrics."""
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace).wait()
+    if metrics_http is not None:
+        metrics_http.shutdown()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    to_config: Callable[[argparse.Namespace], C],
+    serve: Callable[[C], None],
+    argv: Sequence[str] | None,
+) -> int:
+    """A service's ``main``: parse flags, log, build the config (errors as usage), serve."""
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = to_config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(config)
+    return 0
 
 
 def wait_for_signal() -> None:

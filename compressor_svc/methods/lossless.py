@@ -35,8 +35,7 @@ class Lossless(Method[LosslessConfig]):
     @override
     def encode(self, target: Target, config: LosslessConfig) -> EncodedTensor:
         # fp16/bf16 → fp32 → the same dtype is exact, so the stored values are the input's.
-        part = Part.from_floats("delta", target.delta, PartDtype(target.dtype))
-        return EncodedTensor(self.name, self.version, target.shape, target.dtype, {}, (part,))
+        return encode_delta(target.delta.to(PartDtype(target.dtype).torch_dtype))
 
     @override
     def paper_bits(self, encoded: EncodedTensor) -> int:
@@ -66,9 +65,19 @@ def encode_exact(base: Tensor, finetuned: Tensor) -> EncodedTensor:
         values = flat_tuned[wrong]
         parts += position_parts("fix.positions", coded)
         parts.append(Part.from_floats("fix.values", values, PartDtype.for_torch(values.dtype)))
-    name = str(finetuned.dtype).removeprefix("torch.")
+    return _encoding(parts, finetuned)
+
+
+def encode_delta(delta: Tensor) -> EncodedTensor:
+    """A delta of any shape stored as it is, at its own dtype (dense or row-sparse)."""
+    return _encoding(_delta_parts(delta), delta)
+
+
+def _encoding(parts: list[Part], like: Tensor) -> EncodedTensor:
+    """The lossless encoding of ``parts`` for a tensor shaped and typed like ``like``."""
+    dtype = str(like.dtype).removeprefix("torch.")
     return EncodedTensor(
-        Lossless.name, Lossless.version, tuple(finetuned.shape), name, {}, tuple(parts)
+        Lossless.name, Lossless.version, tuple(like.shape), dtype, {}, tuple(parts)
     )
 
 

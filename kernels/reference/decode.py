@@ -72,7 +72,7 @@ def _matrix_shape(encoded: EncodedTensor) -> tuple[int, int]:
 def _decode_lossless(encoded: EncodedTensor) -> Tensor:
     if not any(p.name == "delta.rows" for p in encoded.parts):
         return encoded.part("delta").floats()
-    n_rows = encoded.shape[0]
+    n_rows = encoded.shape[0]  # row-sparse: see compressor_svc.methods.lossless
     rows = decode_positions(read_position_parts(encoded, "delta.row_positions"), n_rows)
     values = encoded.part("delta.rows").floats()
     out = torch.zeros(n_rows, values.shape[1] if values.dim() == 2 else 1)

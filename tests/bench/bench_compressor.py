@@ -6,8 +6,8 @@ Writes a synthetic fp16 base/fine-tuned pair (``--tensors`` matrices of ``--mib`
 starts ``deltavault serve`` (store on a local folder + compressor) as its own process, and
 a raw sink as another, then times, best of ``--repeats``:
 
-- raw: the same bytes, in frames of the SDK's size, over one gRPC client stream into a
-  server that only counts them (the floor any gRPC ingest pays);
+- raw: the same bytes, in frames of the same size (``--frame-kib``), over one gRPC client
+  stream into a server that only counts them (the floor any gRPC ingest pays);
 - ingest: ``DeltaVault.compress`` of a pair whose tensors are equal (every delta is zero):
   the checkpoint read, framing, server assembly and pairing, nothing encoded or stored;
 - lossless: the real pair stored exactly (encode, hash, upload to the store on disk).
@@ -36,13 +36,13 @@ from typing import Any
 import grpc
 import torch
 
+from clients.compressor_client import DEFAULT_FRAME_BYTES
 from clients.sdk import DeltaVault
 from tests.support.checkpoints import write_checkpoint
 from tests.support.embedded import REPO_ROOT, EmbeddedServer
 from tests.support.seaweedfs import free_port
 
 MiB = 1 << 20
-FRAME_BYTES = 1 * MiB
 SINK_METHOD = "/bench.Sink/Take"
 
 
@@ -65,13 +65,13 @@ def run_sink(port: int) -> None:
     server.wait_for_termination()
 
 
-def raw_stream(target: str, total: int) -> None:
+def raw_stream(target: str, total: int, frame_bytes: int) -> None:
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 8 * MiB)])
     take: Any = channel.stream_unary(SINK_METHOD)
-    frame = bytes(FRAME_BYTES)
-    frames = (frame for _ in range(total // FRAME_BYTES))
+    frame = bytes(frame_bytes)
+    frames = (frame for _ in range(total // frame_bytes))
     grpc.channel_ready_future(channel).result(timeout=30)
-    assert int(take(frames, timeout=600)) == total // FRAME_BYTES * FRAME_BYTES
+    assert int(take(frames, timeout=600)) == total // frame_bytes * frame_bytes
     channel.close()
 
 
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=8)
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--frame-kib", type=int, default=DEFAULT_FRAME_BYTES // 1024, help="frame size, SDK and raw"
+    )
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sink:
@@ -124,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             cwd=REPO_ROOT,
         )
         try:
-            raw = best_seconds(args.repeats, lambda _: raw_stream(f"127.0.0.1:{port}", streamed))
+            raw = best_seconds(
+                args.repeats,
+                lambda _: raw_stream(f"127.0.0.1:{port}", streamed, args.frame_kib * 1024),
+            )
         finally:
             sink.terminate()
             sink.wait()
         with (
             EmbeddedServer(root / "store") as server,
-            DeltaVault(server.store, server.compressor) as vault,
+            DeltaVault(server.store, server.compressor, frame_bytes=args.frame_kib * 1024) as vault,
         ):
             ingest = best_seconds(
                 args.repeats,
