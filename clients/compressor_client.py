@@ -14,11 +14,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from torch import Tensor
 
-from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.channel import Closing, open_channel
-from clients.encoding import FrameAssembler, FrameError, tensor_frames
+from clients.encoding import FrameAssembler, FrameError, RoleTensor, serialized_frames
 from clients.errors import DataLossError, from_rpc_error
 
 T = TypeVar("T")
@@ -29,8 +30,10 @@ DEFAULT_FRAME_BYTES = 256 * 1024
 DEFAULT_STREAM_TIMEOUT = 24 * 3600.0
 """Deadline of one stream: compressing a large model on CPU takes hours."""
 
-RoleTensor = tuple[str, "compressor_pb2.TensorRole.ValueType", Tensor]
-"""(tensor name, role, tensor) as the compressor's input."""
+_SERVICE = "/" + compressor_pb2.DESCRIPTOR.services_by_name["Compressor"].full_name
+_METHOD_COMPRESS = f"{_SERVICE}/Compress"
+_METHOD_PLAN = f"{_SERVICE}/Plan"
+_METHOD_RECONSTRUCT = f"{_SERVICE}/Reconstruct"
 
 
 class CompressorClient(Closing):
@@ -44,40 +47,38 @@ class CompressorClient(Closing):
     ) -> None:
         self.target = target
         self._channel = channel or open_channel(target)
-        self._stub = compressor_pb2_grpc.CompressorStub(self._channel)
+        # The stub's own callables would serialize each request; ours arrive serialized.
+        self._compress = self._stream(_METHOD_COMPRESS, compressor_pb2.CompressResponse)
+        self._plan = self._stream(_METHOD_PLAN, compressor_pb2.PlanResponse)
+        self._reconstruct = self._stream(_METHOD_RECONSTRUCT, compressor_pb2.ReconstructResponse)
         self._frame_bytes = frame_bytes
         self._timeout = timeout
 
     def close(self) -> None:
         self._channel.close()
 
+    def _stream(self, method: str, response_type: type[Message]) -> Any:
+        return self._channel.stream_stream(
+            method, request_serializer=None, response_deserializer=response_type.FromString
+        )
+
     def compress(
         self, header: compressor_pb2.CompressHeader, tensors: Iterable[RoleTensor]
     ) -> Iterator[compressor_pb2.CompressResponse]:
         """One event per tensor as the server finishes it, then the result."""
 
-        def requests() -> Iterator[compressor_pb2.CompressRequest]:
-            yield compressor_pb2.CompressRequest(header=header)
-            for frame in self._frames(tensors):
-                yield compressor_pb2.CompressRequest(frame=frame)
-            yield compressor_pb2.CompressRequest(end=compressor_pb2.End())
-
-        outgoing = _Outgoing(requests())
-        return _raising(self._stub.Compress(iter(outgoing), timeout=self._timeout), outgoing)
+        request = compressor_pb2.CompressRequest
+        outgoing = _Outgoing(self._requests(request(header=header), request, "frame", tensors))
+        return _raising(self._compress(iter(outgoing), timeout=self._timeout), outgoing)
 
     def plan(
         self, header: compressor_pb2.PlanHeader, tensors: Iterable[RoleTensor]
     ) -> Iterator[compressor_pb2.PlanResponse]:
         """Per lossy tensor, the estimates of every planned method and ratio."""
 
-        def requests() -> Iterator[compressor_pb2.PlanRequest]:
-            yield compressor_pb2.PlanRequest(header=header)
-            for frame in self._frames(tensors):
-                yield compressor_pb2.PlanRequest(frame=frame)
-            yield compressor_pb2.PlanRequest(end=compressor_pb2.End())
-
-        outgoing = _Outgoing(requests())
-        return _raising(self._stub.Plan(iter(outgoing), timeout=self._timeout), outgoing)
+        request = compressor_pb2.PlanRequest
+        outgoing = _Outgoing(self._requests(request(header=header), request, "frame", tensors))
+        return _raising(self._plan(iter(outgoing), timeout=self._timeout), outgoing)
 
     def reconstruct(
         self,
@@ -89,17 +90,12 @@ class CompressorClient(Closing):
         """(name, tensor) per tensor: deltas, or with ``header.add_base`` the rebuilt weights
         of the ``base`` tensors streamed in."""
 
-        def requests() -> Iterator[compressor_pb2.ReconstructRequest]:
-            yield compressor_pb2.ReconstructRequest(header=header)
-            if header.add_base:
-                role = compressor_pb2.TENSOR_ROLE_BASE
-                for frame in self._frames((name, role, t) for name, t in base):
-                    yield compressor_pb2.ReconstructRequest(base=frame)
-            yield compressor_pb2.ReconstructRequest(end=compressor_pb2.End())
-
+        request = compressor_pb2.ReconstructRequest
+        role = compressor_pb2.TENSOR_ROLE_BASE
+        tensors = ((name, role, t) for name, t in base) if header.add_base else ()
         frames = FrameAssembler(max_tensor_bytes)
-        outgoing = _Outgoing(requests())
-        call = self._stub.Reconstruct(iter(outgoing), timeout=self._timeout)
+        outgoing = _Outgoing(self._requests(request(header=header), request, "base", tensors))
+        call = self._reconstruct(iter(outgoing), timeout=self._timeout)
         for response in _raising(call, outgoing):
             try:
                 tensor = frames.add(response.frame)
@@ -108,9 +104,18 @@ class CompressorClient(Closing):
             if tensor is not None:
                 yield response.frame.name, tensor
 
-    def _frames(self, tensors: Iterable[RoleTensor]) -> Iterator[compressor_pb2.TensorFrame]:
-        for name, role, tensor in tensors:
-            yield from tensor_frames(name, role, tensor, self._frame_bytes)
+    def _requests(
+        self,
+        header: Message,
+        request_type: type[Message],
+        frame_field: str,
+        tensors: Iterable[RoleTensor],
+    ) -> Iterator[bytes]:
+        """A stream's requests, serialized: the header, every tensor's frames, End."""
+        yield header.SerializeToString()
+        for tensor in tensors:
+            yield from serialized_frames(request_type, frame_field, tensor, self._frame_bytes)
+        yield request_type(end=compressor_pb2.End()).SerializeToString()
 
 
 class _Outgoing(Generic[T]):

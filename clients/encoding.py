@@ -2,9 +2,9 @@
 the SDK share.
 
 - Wire: a tensor travels as :class:`TensorFrame` messages of at most ``frame_bytes`` raw
-  little-endian bytes each (:func:`tensor_frames`); :class:`FrameAssembler` puts a tensor
-  back together, checking that every frame agrees on shape and dtype and that the bytes
-  arrive in order and add up.
+  little-endian bytes each (:func:`tensor_frames`, or :func:`serialized_frames` already in
+  their request messages); :class:`FrameAssembler` puts a tensor back together, checking
+  that every frame agrees on shape and dtype and that the bytes arrive in order and add up.
 - Store: an :class:`~kernels.reference.EncodedTensor` becomes a ``TensorEntry`` whose parts
   name chunks (:func:`upload_encoded`); :func:`read_encoded` and :func:`decode_entry` turn an
   entry back into the encoding and the fp32 delta it stands for.
@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from google.protobuf.message import Message
 from torch import Tensor
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.store_client import StoreClient
+from clients.wire import serialize_with_bytes
 from kernels.reference import EncodedTensor, Part, PartDtype, decode, rebuild
 from store_svc.digest import Algorithm
 
@@ -41,6 +43,9 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 """Element types a frame may carry, by their wire name."""
 
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+
+RoleTensor = tuple[str, "compressor_pb2.TensorRole.ValueType", Tensor]
+"""(tensor name, role, tensor) as the compressor's input."""
 
 _NAME_OF = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 
@@ -64,30 +69,56 @@ def tensor_bytes(tensor: Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
+def frame_slices(
+    name: str, role: compressor_pb2.TensorRole.ValueType, tensor: Tensor, frame_bytes: int
+) -> Iterator[tuple[compressor_pb2.TensorFrame, memoryview]]:
+    """``tensor`` as (frame without its data, the frame's data) pairs of at most
+    ``frame_bytes`` data bytes each (one pair if the tensor is empty)."""
+    data = tensor_bytes(tensor)
+    shape, dtype = list(tensor.shape), dtype_name(tensor.dtype)
+    for offset in range(0, max(len(data), 1), frame_bytes):
+        frame = compressor_pb2.TensorFrame(
+            name=name, role=role, shape=shape, dtype=dtype, offset=offset, total_bytes=len(data)
+        )
+        yield frame, data[offset : offset + frame_bytes]
+
+
 def tensor_frames(
     name: str, role: compressor_pb2.TensorRole.ValueType, tensor: Tensor, frame_bytes: int
 ) -> Iterator[compressor_pb2.TensorFrame]:
     """``tensor`` as frames of at most ``frame_bytes`` data bytes (one frame if empty)."""
-    data = tensor_bytes(tensor)
-    shape, dtype = list(tensor.shape), dtype_name(tensor.dtype)
-    for offset in range(0, max(len(data), 1), frame_bytes):
-        yield compressor_pb2.TensorFrame(
-            name=name,
-            role=role,
-            shape=shape,
-            dtype=dtype,
-            offset=offset,
-            total_bytes=len(data),
-            data=bytes(data[offset : offset + frame_bytes]),
-        )
+    for frame, data in frame_slices(name, role, tensor, frame_bytes):
+        frame.data = bytes(data)
+        yield frame
+
+
+def serialized_frames(
+    request_type: type[Message], field: str, tensor: RoleTensor, frame_bytes: int
+) -> Iterator[bytes]:
+    """The tensor's frames, each as a serialized ``request_type`` whose ``field`` holds it
+    (see :mod:`clients.wire` for why not ``SerializeToString``)."""
+    name, role, values = tensor
+    for frame, data in frame_slices(name, role, values, frame_bytes):
+        yield serialize_with_bytes(frame, "data", data, wrapper=request_type, wrapper_field=field)
 
 
 @dataclass
 class _Partial:
     shape: tuple[int, ...]
     dtype: str
-    buffer: bytearray
+    buffer: Tensor
+    """The tensor's bytes as uint8, allocated uninitialised: every byte is written once."""
     received: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.buffer.numel()
+
+    def write(self, data: bytes) -> None:
+        end = self.received + len(data)
+        array: Any = self.buffer.numpy()
+        memoryview(array)[self.received : end] = data
+        self.received = end
 
 
 @dataclass
@@ -103,7 +134,7 @@ class FrameAssembler:
 
     @property
     def pending_bytes(self) -> int:
-        return sum(len(p.buffer) for p in self._partial.values())
+        return sum(p.size for p in self._partial.values())
 
     def unfinished(self) -> list[tuple[int, str]]:
         """(role, name) of every tensor whose frames have not all arrived."""
@@ -122,15 +153,14 @@ class FrameAssembler:
                 f"tensor {frame.name!r}: frame at byte {frame.offset}, expected "
                 f"{partial.received} (frames of a tensor must arrive in order)"
             )
-        end = partial.received + len(frame.data)
-        if end > len(partial.buffer):
+        data = frame.data  # read once: each read of a bytes field copies it
+        if partial.received + len(data) > partial.size:
             raise FrameError(
-                f"tensor {frame.name!r}: frames carry more than its {len(partial.buffer)} bytes"
+                f"tensor {frame.name!r}: frames carry more than its {partial.size} bytes"
             )
-        partial.buffer[partial.received : end] = frame.data
-        partial.received = end
+        partial.write(data)
         self._partial[key] = partial
-        if end < len(partial.buffer):
+        if partial.received < partial.size:
             return None
         del self._partial[key]
         return _to_tensor(partial)
@@ -155,14 +185,11 @@ class FrameAssembler:
                 f"tensor {frame.name!r} is {size} bytes, above this server's "
                 f"{self.max_tensor_bytes}-byte limit per tensor"
             )
-        return _Partial(tuple(frame.shape), frame.dtype, bytearray(size))
+        return _Partial(tuple(frame.shape), frame.dtype, torch.empty(size, dtype=torch.uint8))
 
 
 def _to_tensor(partial: _Partial) -> Tensor:
-    dtype = WIRE_DTYPES[partial.dtype]
-    if not partial.buffer:
-        return torch.empty(partial.shape, dtype=dtype)
-    return torch.frombuffer(partial.buffer, dtype=dtype).reshape(partial.shape)
+    return partial.buffer.view(WIRE_DTYPES[partial.dtype]).reshape(partial.shape)
 
 
 # --- encoded tensors in the store --------------------------------------------------------

@@ -33,8 +33,8 @@ from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.calibration import GramSet
 from clients.channel import Closing
-from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient, RoleTensor
-from clients.encoding import WIRE_DTYPES, decode_entry, rebuild_tensor
+from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
+from clients.encoding import WIRE_DTYPES, RoleTensor, decode_entry, rebuild_tensor
 from clients.lora import LoraAdapter, resolve_names
 from clients.safetensors_io import (
     INDEX_FILE,

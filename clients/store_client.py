@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -26,6 +26,7 @@ from clients.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from clients.wire import serialize_with_bytes
 from store_svc.digest import Algorithm, Digest
 
 T = TypeVar("T")
@@ -33,6 +34,7 @@ T = TypeVar("T")
 DEFAULT_CHUNK_BYTES = 4 * MiB
 DEFAULT_FRAME_BYTES = 1 * MiB
 _MISSING_BATCH = 1000
+_METHOD_PUT_CHUNKS = f"/{store_pb2.DESCRIPTOR.services_by_name['DeltaStore'].full_name}/PutChunks"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ class StoreClient(Closing):
     ) -> None:
         self._channel = channel or open_channel(target)
         self._stub = store_pb2_grpc.DeltaStoreStub(self._channel)
+        self._put_chunks: Any = self._channel.stream_unary(  # requests arrive serialized
+            _METHOD_PUT_CHUNKS,
+            request_serializer=None,
+            response_deserializer=store_pb2.PutChunksResponse.FromString,
+        )
         self.chunk_bytes = chunk_bytes
         self._frame_bytes = frame_bytes
         self._timeout = timeout
@@ -111,9 +118,7 @@ class StoreClient(Closing):
         """Upload these chunks (whether or not present); returns bytes newly written."""
         if not chunks:
             return 0
-        response = self._call(
-            lambda: self._stub.PutChunks(self._frames(chunks), timeout=self._timeout)
-        )
+        response = self._call(lambda: self._put_chunks(self._frames(chunks), timeout=self._timeout))
         return int(response.bytes_written)
 
     def upload(
@@ -261,17 +266,16 @@ class StoreClient(Closing):
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _frames(
-        self, chunks: Sequence[tuple[Digest, bytes | memoryview]]
-    ) -> Iterator[store_pb2.PutChunksRequest]:
+    def _frames(self, chunks: Sequence[tuple[Digest, bytes | memoryview]]) -> Iterator[bytes]:
+        """PutChunks requests, serialized around their data (see :mod:`clients.wire`)."""
         for digest, data in chunks:
-            proto, view = digest.to_proto(), memoryview(data)
+            proto, view = digest.to_proto(), memoryview(data).cast("B")
             for offset in range(0, max(len(view), 1), self._frame_bytes):
-                yield store_pb2.PutChunksRequest(
-                    digest=proto,
-                    total_size=len(view),
-                    offset=offset,
-                    data=bytes(view[offset : offset + self._frame_bytes]),
+                request = store_pb2.PutChunksRequest(
+                    digest=proto, total_size=len(view), offset=offset
+                )
+                yield serialize_with_bytes(
+                    request, "data", view[offset : offset + self._frame_bytes]
                 )
 
     def _stream_ranges(

@@ -215,16 +215,31 @@ def check_inputs(item: TensorInput) -> tuple[bool, str]:
             f"{dtype_name(finetuned.dtype)}"
         )
     dtype = dtype_name(finetuned.dtype)
+    same = bitwise_equal(base, finetuned)
     if dtype not in FLOAT_DTYPES:
-        if not torch.equal(base, finetuned):
+        if not same:
             raise InvalidInput(
                 f"tensor {item.name!r}: {dtype} tensors must be equal in base and fine-tune "
                 "(a delta of integers is not stored)"
             )
         return True, dtype
     _check_finite(item.name, "base", base)
-    _check_finite(item.name, "fine-tuned", finetuned)
-    return torch.equal(base, finetuned), dtype
+    if not same:
+        _check_finite(item.name, "fine-tuned", finetuned)
+    return same, dtype
+
+
+def bitwise_equal(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bits (so -0.0 differs from
+    0.0: a zero delta must rebuild the fine-tune exactly), compared as the widest integers
+    their size allows (~10× faster than ``torch.equal`` on fp16)."""
+    x = a.contiguous().reshape(-1).view(torch.uint8)
+    y = b.contiguous().reshape(-1).view(torch.uint8)
+    for wide in (torch.int64, torch.int32, torch.int16):
+        size = wide.itemsize
+        if x.numel() % size == 0 and x.storage_offset() % size == y.storage_offset() % size == 0:
+            return torch.equal(x.view(wide), y.view(wide))
+    return torch.equal(x, y)
 
 
 def delta_of(item: TensorInput) -> Tensor:
@@ -241,9 +256,13 @@ _FINITE_BLOCK = 1 << 22
 
 
 def _check_finite(name: str, side: str, tensor: Tensor) -> None:
-    """InvalidInput naming the tensor if it holds NaN/Inf; checked in blocks, so the check
-    allocates a few MiB whatever the tensor's size."""
-    if not tensor.is_floating_point():
+    """InvalidInput naming the tensor if it holds NaN/Inf.
+
+    A NaN or Inf makes the sum NaN or Inf, so a finite sum proves every element finite in
+    one vectorised pass; only a non-finite sum (bad values, or finite ones overflowing the
+    sum) is followed by the exact count, in blocks of a few MiB whatever the tensor's size.
+    """
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
         return
     flat = tensor.reshape(-1)
     bad = sum(
