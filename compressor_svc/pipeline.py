@@ -232,7 +232,7 @@ def check_inputs(item: TensorInput) -> tuple[bool, str]:
 def bitwise_equal(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors of one shape and dtype hold the same bits (so -0.0 differs from
     0.0: a zero delta must rebuild the fine-tune exactly), compared as the widest integers
-    their size allows (~10× faster than ``torch.equal`` on fp16)."""
+    their size allows (~10x faster than ``torch.equal`` on fp16)."""
     x = a.contiguous().reshape(-1).view(torch.uint8)
     y = b.contiguous().reshape(-1).view(torch.uint8)
     for wide in (torch.int64, torch.int32, torch.int16):
@@ -284,12 +284,14 @@ def error_stats(delta: Tensor, approx: Tensor, gram: Tensor | None) -> common_pb
 
 
 def lossless_encoding(item: TensorInput) -> EncodedTensor:
-    """The exact delta: rebuilding the fine-tune bit for bit, or a sent delta as it is."""
+    """The exact delta: rebuilding the fine-tune bit for bit, or a sent delta as it is.
+    Consumes ``item``: the delta may be written over its fine-tuned buffer (the stream's
+    own), so that tensor is not the fine-tune afterwards."""
     if item.delta is not None:
         return encode_delta(item.delta)
     assert item.base is not None
     assert item.finetuned is not None
-    return encode_exact(item.base, item.finetuned)
+    return encode_exact(item.base, item.finetuned, overwrite=True)
 
 
 EXACT = common_pb2.ErrorStats(relative_weight_error=0.0, relative_activation_error=math.nan)

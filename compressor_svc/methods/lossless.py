@@ -35,41 +35,59 @@ class Lossless(Method[LosslessConfig]):
     @override
     def encode(self, target: Target, config: LosslessConfig) -> EncodedTensor:
         # fp16/bf16 → fp32 → the same dtype is exact, so the stored values are the input's.
-        return encode_delta(target.delta.to(PartDtype(target.dtype).torch_dtype))
+        # A copy: the encoding keeps the tensor it is given, and the target is the caller's.
+        return encode_delta(target.delta.to(PartDtype(target.dtype).torch_dtype, copy=True))
 
     @override
     def paper_bits(self, encoded: EncodedTensor) -> int:
         return encoded.nbits
 
 
-BLOCK_ELEMENTS = 1 << 22
-"""Elements per pass of :func:`encode_exact`: its float32 temporaries stay ~16 MiB each, so
+BLOCK_ELEMENTS = 1 << 20
+"""Elements per pass of :func:`encode_exact`: its float32 temporaries stay ~4 MiB each, so
 a tensor costs little more than its own bytes however large it is (an LLM's embedding)."""
 
 
-def encode_exact(base: Tensor, finetuned: Tensor) -> EncodedTensor:
+def encode_exact(base: Tensor, finetuned: Tensor, *, overwrite: bool = False) -> EncodedTensor:
     """The delta of two float tensors of any shape, bit-exact under
-    ``kernels.reference.rebuild``: stored at the fine-tuned dtype when that rebuilds every
-    element, else at float32, plus the few elements float32 cannot round back (a weight far
-    smaller than its base) as fix-ups: their positions and fine-tuned values. A delta whose
-    rows are mostly all-zero is stored as its changed rows and their Rice-coded indices."""
+    ``kernels.reference.rebuild``.
+
+    The delta is stored at the fine-tuned dtype when that is 16-bit, else at float32; the
+    elements whose stored delta does not round back to the fine-tuned value (a delta a
+    16-bit float cannot hold, a weight far smaller than its base) are fix-ups: their
+    Rice-coded positions and fine-tuned values. In the rare case where fix-ups would cost
+    more than a float32 delta, the delta is stored at float32 instead. A delta whose rows
+    are mostly all-zero is stored as its changed rows and their Rice-coded indices.
+
+    Two passes, block by block: the misses at the chosen width, then the delta itself. With
+    ``overwrite`` the caller gives ``finetuned`` up and a delta at its dtype is written over
+    it, so encoding needs no memory beyond its inputs.
+    """
     flat_base, flat_tuned = base.reshape(-1), finetuned.reshape(-1)
-    narrow = finetuned.dtype if finetuned.element_size() == 2 else torch.float32
-    stored, wrong = _exact_pass(flat_base, flat_tuned, narrow)
-    if wrong.numel() and narrow != torch.float32:
-        del stored
-        stored, wrong = _exact_pass(flat_base, flat_tuned, torch.float32)
-    parts = _delta_parts(stored.view(finetuned.shape))
-    if wrong.numel():
-        coded = encode_positions(wrong, flat_tuned.numel())
-        values = flat_tuned[wrong]
-        parts += position_parts("fix.positions", coded)
-        parts.append(Part.from_floats("fix.values", values, PartDtype.for_torch(values.dtype)))
-    return _encoding(parts, finetuned)
+    width = finetuned.dtype if finetuned.element_size() == 2 else torch.float32
+    fixes = _fix_parts(_misses(flat_base, flat_tuned, width), flat_tuned)
+    widening_bits = flat_tuned.numel() * (32 - 8 * width.itemsize)
+    if sum(p.nbits for p in fixes) > widening_bits:
+        width = torch.float32
+        fixes = _fix_parts(_misses(flat_base, flat_tuned, width), flat_tuned)
+    in_place = overwrite and width == finetuned.dtype and finetuned.is_contiguous()
+    stored = _delta_at(flat_base, flat_tuned, width, flat_tuned if in_place else None)
+    return _encoding(_delta_parts(stored.view(finetuned.shape)) + fixes, finetuned)
+
+
+def _fix_parts(wrong: Tensor, flat_tuned: Tensor) -> list[Part]:
+    """The fix-ups: positions ``wrong`` of ``flat_tuned`` and its values there."""
+    if not wrong.numel():
+        return []
+    coded = encode_positions(wrong, flat_tuned.numel())
+    values = flat_tuned[wrong]
+    value_part = Part.from_floats("fix.values", values, PartDtype.for_torch(values.dtype))
+    return [*position_parts("fix.positions", coded), value_part]
 
 
 def encode_delta(delta: Tensor) -> EncodedTensor:
-    """A delta of any shape stored as it is, at its own dtype (dense or row-sparse)."""
+    """A delta of any shape stored as it is, at its own dtype (dense or row-sparse). The
+    encoding may view ``delta``'s memory: it must not change afterwards."""
     return _encoding(_delta_parts(delta), delta)
 
 
@@ -81,19 +99,29 @@ def _encoding(parts: list[Part], like: Tensor) -> EncodedTensor:
     )
 
 
-def _exact_pass(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(the flat delta at ``dtype``, flat positions where it does not rebuild ``finetuned``),
-    block by block."""
-    stored = torch.empty(finetuned.numel(), dtype=dtype)
-    wrong = []
-    for start in range(0, finetuned.numel(), BLOCK_ELEMENTS):
+def _blocks(numel: int) -> range:
+    return range(0, numel, BLOCK_ELEMENTS)
+
+
+def _misses(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> Tensor:
+    """Flat positions where the delta at ``dtype`` does not rebuild ``finetuned``."""
+    wrong = [torch.zeros(0, dtype=torch.int64)]
+    for start in _blocks(finetuned.numel()):
+        tuned = finetuned[start : start + BLOCK_ELEMENTS]
+        below = base[start : start + BLOCK_ELEMENTS]
+        rebuilt = apply_delta(below, (tuned.float() - below.float()).to(dtype), tuned.dtype)
+        wrong.append(_mismatches(rebuilt, tuned).nonzero().view(-1) + start)
+    return torch.cat(wrong)
+
+
+def _delta_at(base: Tensor, finetuned: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """The flat delta at ``dtype``, written into ``out`` (which may be ``finetuned``
+    itself: each block is read before it is written) or a new tensor."""
+    stored = torch.empty(finetuned.numel(), dtype=dtype) if out is None else out
+    for start in _blocks(finetuned.numel()):
         stop = start + BLOCK_ELEMENTS
-        block = (finetuned[start:stop].float() - base[start:stop].float()).to(dtype)
-        stored[start:stop] = block
-        rebuilt = apply_delta(base[start:stop], block, finetuned.dtype)
-        bad = _mismatches(rebuilt, finetuned[start:stop]).nonzero().view(-1)
-        wrong.append(bad + start)
-    return stored, torch.cat(wrong) if wrong else torch.zeros(0, dtype=torch.int64)
+        stored[start:stop] = (finetuned[start:stop].float() - base[start:stop].float()).to(dtype)
+    return stored
 
 
 def _delta_parts(stored: Tensor) -> list[Part]:
@@ -104,14 +132,24 @@ def _delta_parts(stored: Tensor) -> list[Part]:
     if stored.dim() == 0 or stored.numel() == 0:
         return [Part.from_floats("delta", stored, dtype)]
     rows = stored.reshape(stored.shape[0], -1)
-    changed = rows.any(dim=1).nonzero().view(-1)
+    changed = _changed_rows(rows)
     dense_bits = stored.numel() * dtype.bits
     if changed.numel() * (rows.shape[1] * dtype.bits + 1) < dense_bits:  # a row index >= 1 bit
         coded = encode_positions(changed, rows.shape[0])
         if coded.nbits + changed.numel() * rows.shape[1] * dtype.bits < dense_bits:
-            values = Part.from_floats("delta.rows", rows[changed], dtype)
+            values = Part.taking_floats("delta.rows", rows[changed], dtype)
             return [*position_parts("delta.row_positions", coded), values]
-    return [Part.from_floats("delta", stored, dtype)]
+    return [Part.taking_floats("delta", stored, dtype)]
+
+
+def _changed_rows(rows: Tensor) -> Tensor:
+    """Indices of the rows that are not all zero, found a block of rows at a time (``any``
+    over the whole matrix would take a temporary as large as it)."""
+    step = max(1, BLOCK_ELEMENTS // max(1, rows.shape[1]))
+    found = [
+        rows[i : i + step].any(dim=1).nonzero().view(-1) + i for i in range(0, len(rows), step)
+    ]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64)
 
 
 def _mismatches(rebuilt: Tensor, finetuned: Tensor) -> Tensor:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import enum
 import json
 import struct
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,12 +116,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class Part:
     """One named component of an encoded tensor: ``data`` holds exactly
-    ``ceil(nbits / 8)`` bytes for ``nbits = numel(shape) x dtype.bits``."""
+    ``ceil(nbits / 8)`` bytes for ``nbits = numel(shape) x dtype.bits`` (bytes, or a
+    read-only byte view of a tensor the part was given by :meth:`taking_floats`)."""
 
     name: str
     dtype: PartDtype
     shape: tuple[int, ...]
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
     def __post_init__(self) -> None:
         if any(d < 0 for d in self.shape):
@@ -157,6 +160,19 @@ class Part:
         stored = values.detach().to(_TO_TORCH[dtype]).contiguous().view(int_dtype)
         data = stored.numpy().astype(np_dtype, copy=False).tobytes()
         return cls(name, dtype, tuple(values.shape), data)
+
+    @classmethod
+    def taking_floats(cls, name: str, values: Tensor, dtype: PartDtype) -> Part:
+        """:meth:`from_floats` without the copy when ``values`` is already contiguous at
+        ``dtype``: the part then views its memory, so the caller hands the tensor over and
+        must not change it afterwards (for tensor-sized parts, where a copy would double
+        the memory an encoding takes)."""
+        if sys.byteorder != "little":
+            return cls.from_floats(name, values, dtype)
+        int_dtype, _ = _INT_VIEW[dtype]
+        stored = values.detach().to(_TO_TORCH[dtype]).contiguous().view(int_dtype)
+        array: Any = stored.reshape(-1).numpy()
+        return cls(name, dtype, tuple(values.shape), memoryview(array).cast("B").toreadonly())
 
     def codes(self) -> Tensor:
         """The unpacked uint8 codes, shaped ``shape``."""
