@@ -154,7 +154,7 @@ class StoreClient(Closing):
     def read(self, refs: Iterable[common_pb2.ChunkRef]) -> bytes:
         """Concatenated bytes of whole chunks, each verified by the server and here."""
         refs = list(refs)
-        out = bytearray()
+        pieces: list[bytes] = []
         for want, (digest, data) in zip(
             refs,
             self.get_chunks([(Digest.from_proto(r.digest), 0, 0) for r in refs]),
@@ -162,8 +162,8 @@ class StoreClient(Closing):
         ):
             if Digest.of(data, digest.algorithm) != digest or len(data) != want.size:
                 raise DataLossError(f"chunk {digest} arrived damaged", grpc.StatusCode.DATA_LOSS)
-            out += data
-        return bytes(out)
+            pieces.append(data)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     # --- manifests and refs -----------------------------------------------------------
 

@@ -159,4 +159,16 @@ def apply_delta(base: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
     fine-tuned tensor, and the rule a lossless delta is checked against."""
     if tuple(base.shape) != tuple(delta.shape):
         raise ValueError(f"base {tuple(base.shape)} and delta {tuple(delta.shape)} differ")
-    return (base.float() + delta.float()).to(dtype)
+    if base.numel() <= _APPLY_BLOCK:
+        return (base.float() + delta.float()).to(dtype)
+    out = torch.empty(base.shape, dtype=dtype)
+    flat_out, flat_base, flat_delta = out.view(-1), base.reshape(-1), delta.reshape(-1)
+    for start in range(0, base.numel(), _APPLY_BLOCK):
+        stop = start + _APPLY_BLOCK
+        flat_out[start:stop] = flat_base[start:stop].float() + flat_delta[start:stop].float()
+    return out
+
+
+_APPLY_BLOCK = 1 << 20
+"""Elements :func:`apply_delta` adds at a time: elementwise, so the result is the same bits
+as one pass, without float32 temporaries the size of the tensor."""

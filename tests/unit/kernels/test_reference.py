@@ -12,6 +12,7 @@ from kernels.reference import (
     EncodedTensor,
     Part,
     PartDtype,
+    apply_delta,
     choose_qparams,
     dequantize,
     group_keep_counts,
@@ -267,3 +268,13 @@ def test_from_bytes_rejects_damage() -> None:
         EncodedTensor.from_bytes(data + b"\0")
     with pytest.raises(ValueError, match="needs 2 bytes"):
         EncodedTensor.from_bytes(data[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_apply_delta_in_blocks_is_the_one_pass_sum_bit_for_bit(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1500, 1001, generator=generator).to(dtype).t()  # strided, > one block
+    delta = 1e-2 * torch.randn(1001, 1500, generator=generator)
+    one_pass = (base.float() + delta).to(dtype)
+    blocked = apply_delta(base, delta, dtype)
+    assert torch.equal(blocked.view(torch.uint8), one_pass.contiguous().view(torch.uint8))
