@@ -21,6 +21,7 @@ from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.channel import Closing, open_channel
 from clients.encoding import FrameAssembler, FrameError, RoleTensor, serialized_frames
 from clients.errors import DataLossError, from_rpc_error
+from clients.wire import method_path
 
 T = TypeVar("T")
 
@@ -31,10 +32,9 @@ messages the server's 1 MiB mmap threshold maps one by one
 DEFAULT_STREAM_TIMEOUT = 24 * 3600.0
 """Deadline of one stream: compressing a large model on CPU takes hours."""
 
-_SERVICE = "/" + compressor_pb2.DESCRIPTOR.services_by_name["Compressor"].full_name
-_METHOD_COMPRESS = f"{_SERVICE}/Compress"
-_METHOD_PLAN = f"{_SERVICE}/Plan"
-_METHOD_RECONSTRUCT = f"{_SERVICE}/Reconstruct"
+_METHOD_COMPRESS = method_path(compressor_pb2, "Compressor", "Compress")
+_METHOD_PLAN = method_path(compressor_pb2, "Compressor", "Plan")
+_METHOD_RECONSTRUCT = method_path(compressor_pb2, "Compressor", "Reconstruct")
 
 
 class CompressorClient(Closing):

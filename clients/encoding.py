@@ -109,15 +109,19 @@ class _Partial:
     buffer: Tensor
     """The tensor's bytes as uint8, allocated uninitialised: every byte is written once."""
     received: int = 0
+    _view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        array: Any = self.buffer.numpy()
+        self._view = memoryview(array)
 
     @property
     def size(self) -> int:
-        return self.buffer.numel()
+        return len(self._view)
 
     def write(self, data: bytes) -> None:
         end = self.received + len(data)
-        array: Any = self.buffer.numpy()
-        memoryview(array)[self.received : end] = data
+        self._view[self.received : end] = data
         self.received = end
 
 

@@ -26,7 +26,7 @@ from clients.errors import (
     UnavailableError,
     from_rpc_error,
 )
-from clients.wire import serialize_with_bytes
+from clients.wire import method_path, serialize_with_bytes
 from store_svc.digest import Algorithm, Digest
 
 T = TypeVar("T")
@@ -34,7 +34,7 @@ T = TypeVar("T")
 DEFAULT_CHUNK_BYTES = 4 * MiB
 DEFAULT_FRAME_BYTES = 1 * MiB
 _MISSING_BATCH = 1000
-_METHOD_PUT_CHUNKS = f"/{store_pb2.DESCRIPTOR.services_by_name['DeltaStore'].full_name}/PutChunks"
+_METHOD_PUT_CHUNKS = method_path(store_pb2, "DeltaStore", "PutChunks")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class StoreClient(Closing):
             if Digest.of(data, digest.algorithm) != digest or len(data) != want.size:
                 raise DataLossError(f"chunk {digest} arrived damaged", grpc.StatusCode.DATA_LOSS)
             pieces.append(data)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return b"".join(pieces)  # one chunk: the same bytes object, no copy
 
     # --- manifests and refs -----------------------------------------------------------
 

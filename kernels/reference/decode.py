@@ -159,8 +159,6 @@ def apply_delta(base: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
     fine-tuned tensor, and the rule a lossless delta is checked against."""
     if tuple(base.shape) != tuple(delta.shape):
         raise ValueError(f"base {tuple(base.shape)} and delta {tuple(delta.shape)} differ")
-    if base.numel() <= _APPLY_BLOCK:
-        return (base.float() + delta.float()).to(dtype)
     out = torch.empty(base.shape, dtype=dtype)
     flat_out, flat_base, flat_delta = out.view(-1), base.reshape(-1), delta.reshape(-1)
     for start in range(0, base.numel(), _APPLY_BLOCK):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import json
 import struct
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +112,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _little_endian(values: Tensor, dtype: PartDtype) -> Any:
+    """``values`` rounded to the float ``dtype``, flat, as a little-endian integer array: a
+    view of ``values`` when it already is that (contiguous, at ``dtype``, on a little-endian
+    machine), else a new array."""
+    int_dtype, np_dtype = _INT_VIEW[dtype]
+    stored = values.detach().to(_TO_TORCH[dtype]).contiguous().view(int_dtype).reshape(-1)
+    return stored.numpy().astype(np_dtype, copy=False)
+
+
 @dataclass(frozen=True)
 class Part:
     """One named component of an encoded tensor: ``data`` holds exactly
@@ -156,10 +164,7 @@ class Part:
     @classmethod
     def from_floats(cls, name: str, values: Tensor, dtype: PartDtype) -> Part:
         """Float values of any shape, rounded to ``dtype`` (a float part dtype)."""
-        int_dtype, np_dtype = _INT_VIEW[dtype]
-        stored = values.detach().to(_TO_TORCH[dtype]).contiguous().view(int_dtype)
-        data = stored.numpy().astype(np_dtype, copy=False).tobytes()
-        return cls(name, dtype, tuple(values.shape), data)
+        return cls(name, dtype, tuple(values.shape), _little_endian(values, dtype).tobytes())
 
     @classmethod
     def taking_floats(cls, name: str, values: Tensor, dtype: PartDtype) -> Part:
@@ -167,12 +172,8 @@ class Part:
         ``dtype``: the part then views its memory, so the caller hands the tensor over and
         must not change it afterwards (for tensor-sized parts, where a copy would double
         the memory an encoding takes)."""
-        if sys.byteorder != "little":
-            return cls.from_floats(name, values, dtype)
-        int_dtype, _ = _INT_VIEW[dtype]
-        stored = values.detach().to(_TO_TORCH[dtype]).contiguous().view(int_dtype)
-        array: Any = stored.reshape(-1).numpy()
-        return cls(name, dtype, tuple(values.shape), memoryview(array).cast("B").toreadonly())
+        view = memoryview(_little_endian(values, dtype)).cast("B").toreadonly()
+        return cls(name, dtype, tuple(values.shape), view)
 
     def codes(self) -> Tensor:
         """The unpacked uint8 codes, shaped ``shape``."""

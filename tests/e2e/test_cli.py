@@ -58,36 +58,14 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
 def test_scripted_session(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, tuned = (str(p) for p in pair)
     with EmbeddedServer(tmp_path / "store", ("--metrics-port", "0")) as server:
-        done = deltavault(
-            "compress",
-            base,
-            tuned,
-            "--ref",
-            "ci/toy",
-            "--method",
-            "dare",
-            "--ratio",
-            "8",
-            "--json",
-            server=server,
-        )
+        compress = ("compress", base, tuned, "--ref", "ci/toy", "--method", "dare", "--ratio", "8")
+        done = deltavault(*compress, "--json", server=server)
         assert done.returncode == EXIT_OK, done.stderr
         report = json.loads(done.stdout)
         assert {"manifest", "ratio", "bytes_stored", "new_chunk_bytes"} <= set(report)
         assert report["lossy_ratio"] >= 8
 
-        again = deltavault(
-            "compress",
-            base,
-            tuned,
-            "--ref",
-            "ci/toy",
-            "--method",
-            "dare",
-            "--ratio",
-            "8",
-            server=server,
-        )
+        again = deltavault(*compress, server=server)
         assert again.returncode == EXIT_CONFLICT
         assert "ci/toy" in again.stderr
 
