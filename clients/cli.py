@@ -2,7 +2,8 @@
 
     deltavault serve --root DIR [--store-port P] [--compressor-port Q] [--metrics-port M]
     deltavault compress BASE FINETUNED --ref NAME --method M --ratio R [--json]
-    deltavault reconstruct NAME --base BASE --out DIR
+    deltavault reconstruct NAME (--base BASE | --base-ref REF) --out DIR
+    deltavault register-base BASE --ref REF
     deltavault plan BASE FINETUNED [--methods ...] [--ratios ...]
     deltavault ls [PREFIX] | rm NAME | gc [--dry-run] | verify [NAME]
 
@@ -142,14 +143,38 @@ def _compress_text(report: CompressReport) -> str:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    with _vault(args) as vault:
-        count = len(vault.manifest(args.ref).tensors)
-        with tqdm(
-            total=count, unit="tensor", disable=True if args.quiet else None, file=sys.stderr
-        ) as bar:
-            out = vault.reconstruct(args.ref, args.base, args.out, progress=lambda _: bar.update())
+    with _vault(args) as vault, _tensor_bar(args.quiet) as advance:
+        out = vault.reconstruct(
+            args.ref, args.base, args.out, base_ref=args.base_ref, progress=advance
+        )
     _emit(args, {"ref": args.ref, "out": str(out)}, lambda: f"wrote {out}")
     return EXIT_OK
+
+
+def cmd_register_base(args: argparse.Namespace) -> int:
+    with _vault(args) as vault, _tensor_bar(args.quiet) as advance:
+        report = vault.register_base(args.base, ref=args.ref, force=args.force, progress=advance)
+    _emit(
+        args,
+        asdict(report),
+        lambda: (
+            f"registered {report.ref} -> {report.manifest}: {report.tensor_count} tensors, "
+            f"{report.bytes_stored:,} bytes ({report.new_chunk_bytes:,} new)"
+        ),
+    )
+    return EXIT_OK
+
+
+@contextmanager
+def _tensor_bar(quiet: bool) -> Iterator[Callable[[str], None]]:
+    """A tensor-count progress bar on stderr; yields the per-tensor callback."""
+    with tqdm(unit="tensor", disable=True if quiet else None, file=sys.stderr) as bar:
+
+        def advance(name: str) -> None:
+            bar.set_postfix_str(name[-40:], refresh=False)
+            bar.update()
+
+        yield advance
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -288,9 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     reconstruct = sub.add_parser("reconstruct", help="write base + delta as a checkpoint")
     reconstruct.add_argument("ref")
-    reconstruct.add_argument("--base", type=Path, required=True)
+    base = reconstruct.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", type=Path, help="the base checkpoint folder")
+    base.add_argument("--base-ref", help="a base registered with register-base")
     reconstruct.add_argument("--out", type=Path, required=True)
     reconstruct.set_defaults(func=cmd_reconstruct)
+
+    register = sub.add_parser(
+        "register-base", help="keep a base checkpoint in the store, for reconstruct --base-ref"
+    )
+    register.add_argument("base", type=Path)
+    register.add_argument("--ref", required=True, help="ref to point at it: namespace/name")
+    register.add_argument("--force", action="store_true", help="move the ref if it exists")
+    register.set_defaults(func=cmd_register_base)
 
     plan = sub.add_parser("plan", help="dry run: size and error per method and ratio")
     _input_flags(plan)
@@ -315,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("ref", nargs="?", default=None)
     verify.set_defaults(func=cmd_verify)
 
-    for p in (compress, reconstruct, plan, ls, rm, gc, verify):
+    for p in (compress, reconstruct, register, plan, ls, rm, gc, verify):
         _client_flags(p)
         p.epilog = EPILOG
     return parser

@@ -89,11 +89,14 @@ class CompressorClient(Closing):
         max_tensor_bytes: int = 1 << 40,
     ) -> Iterator[tuple[str, Tensor]]:
         """(name, tensor) per tensor: deltas, or with ``header.add_base`` the rebuilt weights
-        of the ``base`` tensors streamed in."""
+        of the ``base`` tensors streamed in, or with ``header.base_ref`` (or
+        ``base_manifest``) those of a registered base (``base`` is then not read)."""
 
         request = compressor_pb2.ReconstructRequest
         role = compressor_pb2.TENSOR_ROLE_BASE
-        tensors = ((name, role, t) for name, t in base) if header.add_base else ()
+        stored_base = bool(header.base_ref) or header.HasField("base_manifest")
+        streamed = header.add_base and not stored_base
+        tensors = ((name, role, t) for name, t in base) if streamed else ()
         frames = FrameAssembler(max_tensor_bytes)
         outgoing = _Outgoing(self._requests(request(header=header), request, "base", tensors))
         call = self._reconstruct(iter(outgoing), timeout=self._timeout)

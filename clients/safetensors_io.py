@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+OTHER_WEIGHT_SUFFIXES = frozenset(
+    {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf"}
+)
+"""Weights files that are not this checkpoint's shards: never side files."""
 
 
 class CheckpointError(ValueError):
@@ -78,12 +83,28 @@ class Checkpoint:
             layout.setdefault(info.shard, []).append(info.name)
         return layout
 
+    @property
+    def index_path(self) -> Path | None:
+        """The shard index, if the checkpoint has one."""
+        index = self.directory / INDEX_FILE
+        return index if self.path.is_dir() and index.is_file() else None
+
     def side_files(self) -> list[Path]:
-        """Files beside the weights (config, tokenizer, generation config, ...)."""
+        """Files beside the weights (config, tokenizer, generation config, ...): not the
+        shards, not their index, not weights in another format (``.bin``, ``.pt``, ...)."""
         if not self.path.is_dir():
             return []
         weights = {p.name for p in self._shard_paths} | {INDEX_FILE}
-        return sorted(p for p in self.path.iterdir() if p.is_file() and p.name not in weights)
+        return sorted(
+            p
+            for p in self.path.iterdir()
+            if p.is_file() and p.name not in weights and p.suffix not in OTHER_WEIGHT_SUFFIXES
+        )
+
+    def write_side_files(self, out: Path) -> None:
+        """Copy the side files and the shard index into ``out``."""
+        for path in [*self.side_files(), *filter(None, [self.index_path])]:
+            shutil.copy2(path, out / path.name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one at a time, each shard opened once."""

@@ -27,30 +27,35 @@ from typing import Any
 
 import torch
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from torch import Tensor, nn
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.bases import StoredBase, check_same_base, is_base, upload_snapshot
 from clients.calibration import GramSet
 from clients.channel import Closing
 from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
 from clients.encoding import WIRE_DTYPES, RoleTensor, decode_entry, rebuild_tensor
 from clients.lora import LoraAdapter, resolve_names
 from clients.safetensors_io import (
-    INDEX_FILE,
     Checkpoint,
     CheckpointError,
     StreamingWriter,
+    TensorInfo,
     TensorSpec,
     torch_dtype,
 )
+from clients.side_files import upload_files, write_files
 from clients.store_client import StoreClient
 from store_svc.digest import Digest
+from store_svc.manifests import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 
 DEFAULT_STORE = "127.0.0.1:50061"
 DEFAULT_COMPRESSOR = "127.0.0.1:50062"
 ENV_STORE = "DELTAVAULT_STORE"
 ENV_COMPRESSOR = "DELTAVAULT_COMPRESSOR"
+SDK_PRODUCER = "deltavault-sdk 0.1.0"
 
 BASE = compressor_pb2.TENSOR_ROLE_BASE
 FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
@@ -136,6 +141,21 @@ class CompressReport:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = _finite(asdict(self))
         return data
+
+
+@dataclass(frozen=True)
+class BaseReport:
+    """What :meth:`DeltaVault.register_base` stored."""
+
+    manifest: str
+    ref: str
+    tensor_count: int
+    bytes_stored: int
+    new_chunk_bytes: int
+    """Of ``bytes_stored``, those the store did not have (0 when registered before)."""
+    fingerprint: str
+    """The identity deltas made against this base record."""
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -292,7 +312,8 @@ class DeltaVault(Closing):
         force: bool = False,
         progress: Progress | None = None,
     ) -> CompressReport:
-        """Compress ``finetuned`` against ``base`` and point ``ref`` at the result.
+        """Compress ``finetuned`` against ``base`` and point ``ref`` at the result (with the
+        fine-tune's side files: config, tokenizer; a LoRA adapter's are not the model's).
 
         ``ratio`` is the target against the fp16 delta (None for ``lossless``);
         ``allocation`` is ``per-matrix`` (the papers) or ``model`` (one budget, adamix);
@@ -300,7 +321,9 @@ class DeltaVault(Closing):
         ``force`` moves an existing ref (else it must not exist yet).
         """
         pair = ModelPair.open(base, finetuned, calibration)
+        side_files = [] if isinstance(pair.finetuned, LoraAdapter) else pair.finetuned.side_files()
         header = compressor_pb2.CompressHeader(
+            files=upload_files(self.store, side_files),
             method=method,
             ratio=ratio or 0.0,
             allocation=_scope(allocation),
@@ -429,41 +452,53 @@ class DeltaVault(Closing):
     # --- read back -----------------------------------------------------------------------
 
     def manifest(self, ref: str) -> common_pb2.Manifest:
+        """The manifest ``ref`` points at: a delta's or a registered base's."""
         return self.store.get_manifest(self.store.resolve_ref(ref))
+
+    def delta_manifest(self, ref: str) -> common_pb2.Manifest:
+        """The manifest of the delta ``ref``; ValueError if it is a registered base."""
+        manifest = self.manifest(ref)
+        if is_base(manifest):
+            raise ValueError(f"{ref} is a registered base, not a delta")
+        return manifest
 
     def deltas(self, ref: str) -> Iterator[tuple[str, Tensor]]:
         """(name, fp32 ΔŴ) of every stored non-zero delta, decoded here one at a time."""
-        for entry in self.manifest(ref).tensors:
+        for entry in self.delta_manifest(ref).tensors:
             if entry.kind != common_pb2.STORAGE_KIND_ZERO:
                 yield entry.name, decode_entry(self.store, entry)
 
     def reconstruct(
         self,
         ref: str,
-        base: Path | str,
+        base: Path | str | None,
         out: Path | str,
         *,
+        base_ref: str | None = None,
         dtype: torch.dtype | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> Path:
-        """Write base + ΔŴ as a checkpoint directory at ``out``: sharded like the base, its
-        config and tokenizer files copied, one tensor in memory at a time. Tensors the delta
-        does not name are the base's, unchanged. Built in ``out.partial``, then renamed."""
-        manifest = self.manifest(ref)
-        checkpoint = Checkpoint(base)
+        """Write base + ΔŴ as a checkpoint directory at ``out``, one tensor in memory at a
+        time. The base is a local checkpoint (``base``) or a registered one (``base_ref``);
+        the output is sharded like it, with its side files overlaid by the fine-tune's (the
+        delta's, if it stored any). Tensors the delta does not name are the base's,
+        unchanged. Built in ``out.partial``, then renamed."""
+        manifest = self.delta_manifest(ref)
+        source = self._base_weights(ref, manifest, base, base_ref)
         entries = {entry.name: entry for entry in manifest.tensors}
-        missing = [name for name in entries if name not in checkpoint]
+        missing = [name for name in entries if name not in source]
         if missing:
-            raise CheckpointError(f"the base at {base} lacks tensor(s) {missing[:5]} of {ref}")
+            where = base_ref or base
+            raise CheckpointError(f"the base {where} lacks tensor(s) {missing[:5]} of {ref}")
         target, staging = Path(out), Path(f"{out}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        for shard, names in checkpoint.shards().items():
-            specs = [self._spec(checkpoint, name, entries.get(name), dtype) for name in names]
+        for shard, names in source.shards().items():
+            specs = [_spec(source.info(name), entries.get(name), dtype) for name in names]
             writer = StreamingWriter(staging / shard, specs)
             try:
                 for name in names:
-                    tensor = checkpoint.get(name)
+                    tensor = source.get(name)
                     writer.write(name, rebuild_tensor(self.store, entries.get(name), tensor, dtype))
                     if progress is not None:
                         progress(name)
@@ -471,25 +506,73 @@ class DeltaVault(Closing):
                 writer.abort()
                 raise
             writer.close()
-        _copy_side_files(checkpoint, staging)
+        source.write_side_files(staging)
+        write_files(self.store, manifest.files, staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         return target
 
-    @staticmethod
-    def _spec(
-        checkpoint: Checkpoint,
-        name: str,
-        entry: common_pb2.TensorEntry | None,
-        dtype: torch.dtype | None,
-    ) -> TensorSpec:
-        info = checkpoint.info(name)
-        stored = torch_dtype(info.dtype)
-        if entry is not None and entry.kind != common_pb2.STORAGE_KIND_ZERO:
-            stored = WIRE_DTYPES[entry.dtype]
-        if dtype is not None and stored.is_floating_point:
-            stored = dtype
-        return TensorSpec(name, info.shape, stored)
+    def _base_weights(
+        self,
+        ref: str,
+        manifest: common_pb2.Manifest,
+        base: Path | str | None,
+        base_ref: str | None,
+    ) -> Checkpoint | StoredBase:
+        if (base is None) == (base_ref is None):
+            raise ValueError("give a base checkpoint or a registered base's ref, not both")
+        if base_ref is None:
+            assert base is not None
+            return Checkpoint(base)
+        stored = StoredBase(self.store, self.manifest(base_ref), base_ref)
+        check_same_base(manifest, stored, ref)
+        return stored
+
+    def register_base(
+        self,
+        base: Path | str,
+        *,
+        ref: str,
+        force: bool = False,
+        labels: Mapping[str, str] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> BaseReport:
+        """Keep the checkpoint ``base`` in the store under ``ref`` (tensors exact at their
+        dtype, side files and shard index too), so fine-tunes of it can be rebuilt with
+        ``base_ref=ref``. Only chunks the store lacks are sent."""
+        started = time.perf_counter()
+        checkpoint = Checkpoint(base)
+        created = Timestamp()
+        created.GetCurrentTime()
+        manifest = common_pb2.Manifest(
+            format_version=MANIFEST_FORMAT_VERSION,
+            digest_algorithm=common_pb2.DIGEST_ALGORITHM_BLAKE3,
+            base_fingerprint=fingerprint(checkpoint),
+            labels=dict(labels or {}),
+            created_at=created,
+            producer=SDK_PRODUCER,
+        )
+        stored = new = 0
+        for shard, names in checkpoint.shards().items():
+            for name in names:
+                uploaded = upload_snapshot(self.store, name, checkpoint.get(name), shard=shard)
+                manifest.tensors.append(uploaded.entry)
+                stored, new = stored + uploaded.bytes_stored, new + uploaded.new_chunk_bytes
+                if progress is not None:
+                    progress(name)
+        files = [*checkpoint.side_files(), *filter(None, [checkpoint.index_path])]
+        manifest.files.extend(upload_files(self.store, files))
+        info = self.store.commit_manifest(manifest, ref=ref, force=force)
+        seconds = time.perf_counter() - started
+        return BaseReport(
+            str(info.digest),
+            ref,
+            len(manifest.tensors),
+            stored,
+            new,
+            manifest.base_fingerprint,
+            seconds,
+        )
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ref: str, *, prefix: str = "") -> nn.Module:
@@ -497,7 +580,7 @@ class DeltaVault(Closing):
         with ``prefix`` removed) and return it. ValueError, before any change, if a delta
         names a tensor the model lacks or a shape differs."""
         state = model.state_dict(keep_vars=True)
-        manifest = self.manifest(ref)
+        manifest = self.delta_manifest(ref)
         entries = {e.name.removeprefix(prefix): e for e in manifest.tensors}
         problems = [
             f"{n}: not in the model"
@@ -585,9 +668,14 @@ def _estimate(estimate: compressor_pb2.PlanEstimate) -> PlanEstimate:
     )
 
 
-def _copy_side_files(checkpoint: Checkpoint, out: Path) -> None:
-    for path in checkpoint.side_files():
-        shutil.copy2(path, out / path.name)
-    index = checkpoint.directory / INDEX_FILE
-    if index.is_file():
-        shutil.copy2(index, out / INDEX_FILE)
+def _spec(
+    info: TensorInfo, entry: common_pb2.TensorEntry | None, dtype: torch.dtype | None
+) -> TensorSpec:
+    """How a rebuilt tensor is written: the fine-tuned dtype (the entry's, else the base's),
+    or ``dtype`` for floating-point tensors when given."""
+    stored = torch_dtype(info.dtype)
+    if entry is not None and entry.kind != common_pb2.STORAGE_KIND_ZERO:
+        stored = WIRE_DTYPES[entry.dtype]
+    if dtype is not None and stored.is_floating_point:
+        stored = dtype
+    return TensorSpec(info.name, info.shape, stored)

@@ -153,8 +153,21 @@ class StoreClient(Closing):
 
     def read(self, refs: Iterable[common_pb2.ChunkRef]) -> bytes:
         """Concatenated bytes of whole chunks, each verified by the server and here."""
+        return b"".join(self._verified(refs))  # one chunk: the same bytes object, no copy
+
+    def read_into(self, refs: Iterable[common_pb2.ChunkRef], out: memoryview) -> None:
+        """:meth:`read` into ``out``, a writable byte buffer of exactly the chunks' size."""
         refs = list(refs)
-        pieces: list[bytes] = []
+        if len(out) != sum(r.size for r in refs):
+            raise ValueError(f"{len(out)}-byte buffer for {sum(r.size for r in refs)} bytes")
+        offset = 0
+        for data in self._verified(refs):
+            out[offset : offset + len(data)] = data
+            offset += len(data)
+
+    def _verified(self, refs: Iterable[common_pb2.ChunkRef]) -> Iterator[bytes]:
+        """Each chunk's bytes in order, checked against its digest and size."""
+        refs = list(refs)
         for want, (digest, data) in zip(
             refs,
             self.get_chunks([(Digest.from_proto(r.digest), 0, 0) for r in refs]),
@@ -162,8 +175,7 @@ class StoreClient(Closing):
         ):
             if Digest.of(data, digest.algorithm) != digest or len(data) != want.size:
                 raise DataLossError(f"chunk {digest} arrived damaged", grpc.StatusCode.DATA_LOSS)
-            pieces.append(data)
-        return b"".join(pieces)  # one chunk: the same bytes object, no copy
+            yield data
 
     # --- manifests and refs -----------------------------------------------------------
 

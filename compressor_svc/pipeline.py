@@ -573,6 +573,7 @@ class CompressSession:
             labels=self.spec.labels,
             created_at=created,
             producer=PRODUCER,
+            files=self.spec.files,
         )
 
 

@@ -5,6 +5,8 @@ exactly zero are left out: the manifest says so). With ``add_base`` the client s
 tensors in and gets ``apply_delta(base, ΔŴ)`` back for each as FINETUNED frames, one tensor
 in memory at a time; base tensors the manifest does not name were not changed by the
 fine-tune (a LoRA adapter names only the modules it adapts) and come back as they are.
+With ``base_ref`` (or ``base_manifest``) the base is a registered one (``clients.bases``),
+read from the store tensor by tensor, and the client sends nothing after the header.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.bases import StoredBase, check_same_base, is_base
 from clients.encoding import (
     WIRE_DTYPES,
     FrameAssembler,
@@ -34,17 +37,47 @@ FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
 def resolve_manifest(
     store: StoreClient, header: compressor_pb2.ReconstructHeader
 ) -> common_pb2.Manifest:
-    """The manifest a header names by ref or digest (NOT_FOUND passes through)."""
-    if header.ref and header.HasField("manifest"):
-        raise InvalidInput("name a ref or a manifest digest, not both")
-    if header.ref:
-        return store.get_manifest(store.resolve_ref(header.ref))
-    if not header.HasField("manifest"):
+    """The delta manifest a header names by ref or digest (NOT_FOUND passes through)."""
+    manifest = _named_manifest(store, header.ref, header, "manifest")
+    if manifest is None:
         raise InvalidInput("the header names neither a ref nor a manifest digest")
+    if is_base(manifest):
+        raise InvalidInput(f"{header.ref or 'the manifest'} is a registered base, not a delta")
+    return manifest
+
+
+def resolve_base(
+    store: StoreClient, header: compressor_pb2.ReconstructHeader, delta: common_pb2.Manifest
+) -> StoredBase | None:
+    """The registered base a header names (None: the base is streamed in), checked to be
+    the one the delta was made against."""
+    manifest = _named_manifest(store, header.base_ref, header, "base_manifest")
+    if manifest is None:
+        return None
+    label = header.base_ref or str(Digest.from_proto(header.base_manifest))
     try:
-        digest = Digest.from_proto(header.manifest)
+        base = StoredBase(store, manifest, label)
     except ValueError as exc:
-        raise InvalidInput(f"manifest digest: {exc}") from None
+        raise InvalidInput(str(exc)) from None
+    check_same_base(delta, base, header.ref or "the delta")
+    return base
+
+
+def _named_manifest(
+    store: StoreClient, ref: str, header: compressor_pb2.ReconstructHeader, digest_field: str
+) -> common_pb2.Manifest | None:
+    """The manifest named by ``ref`` or by the header's ``digest_field``; None if neither."""
+    has_digest = header.HasField(digest_field)  # type: ignore[arg-type]
+    if ref and has_digest:
+        raise InvalidInput(f"name a ref or a {digest_field} digest, not both")
+    if ref:
+        return store.get_manifest(store.resolve_ref(ref))
+    if not has_digest:
+        return None
+    try:
+        digest = Digest.from_proto(getattr(header, digest_field))
+    except ValueError as exc:
+        raise InvalidInput(f"{digest_field} digest: {exc}") from None
     return store.get_manifest(digest)
 
 
@@ -113,14 +146,52 @@ def stream_rebuilt(
             continue
         if name not in remaining and not pass_through:
             continue
-        try:
-            rebuilt = rebuild_tensor(store, remaining.pop(name, None), base, forced)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
-        for frame in tensor_frames(name, FINETUNED, rebuilt, frame_bytes):
-            yield compressor_pb2.ReconstructResponse(frame=frame)
+        entry = remaining.pop(name, None)
+        yield from _rebuilt_frames(store, name, entry, base, dtype=forced, frame_bytes=frame_bytes)
     else:
         raise InvalidInput("the stream ended without End; the reconstruction is incomplete")
-    if remaining:
-        shown = ", ".join(sorted(remaining)[:5])
-        raise MissingBase(f"the base lacks {len(remaining)} tensor(s) the delta needs: {shown}")
+    _check_all_found(remaining)
+
+
+def stream_rebuilt_from(
+    store: StoreClient,
+    entries: dict[str, common_pb2.TensorEntry],
+    base: StoredBase,
+    out_dtype: str,
+    *,
+    frame_bytes: int,
+    pass_through: bool,
+) -> Iterator[compressor_pb2.ReconstructResponse]:
+    """Rebuilt tensors of a registered base, one read at a time: every base tensor with
+    ``pass_through``, else only those ``entries`` names (checked present before any read)."""
+    forced = _out_dtype(out_dtype, None)
+    _check_all_found({name: entry for name, entry in entries.items() if name not in base})
+    names = base.names() if pass_through else list(entries)
+    for name in names:
+        tensor = base.get(name)
+        yield from _rebuilt_frames(
+            store, name, entries.get(name), tensor, dtype=forced, frame_bytes=frame_bytes
+        )
+
+
+def _rebuilt_frames(
+    store: StoreClient,
+    name: str,
+    entry: common_pb2.TensorEntry | None,
+    base: torch.Tensor,
+    *,
+    dtype: torch.dtype | None,
+    frame_bytes: int,
+) -> Iterator[compressor_pb2.ReconstructResponse]:
+    try:
+        rebuilt = rebuild_tensor(store, entry, base, dtype)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    for frame in tensor_frames(name, FINETUNED, rebuilt, frame_bytes):
+        yield compressor_pb2.ReconstructResponse(frame=frame)
+
+
+def _check_all_found(missing: dict[str, common_pb2.TensorEntry]) -> None:
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise MissingBase(f"the base lacks {len(missing)} tensor(s) the delta needs: {shown}")

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from compressor_svc.errors import InvalidInput
 from compressor_svc.methods import get_method
@@ -103,6 +104,8 @@ class CompressSpec:
     options: dict[str, Any]
     labels: dict[str, str]
     algorithm: Algorithm
+    files: tuple[common_pb2.FileEntry, ...] = ()
+    """Side files the client uploaded; the store checks them at the commit."""
 
     @classmethod
     def from_proto(cls, header: compressor_pb2.CompressHeader) -> CompressSpec:
@@ -141,6 +144,7 @@ class CompressSpec:
             options=parse_options(method, header.method_options),
             labels=dict(header.labels),
             algorithm=algorithm,
+            files=tuple(header.files),
         )
 
 

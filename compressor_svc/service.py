@@ -16,10 +16,12 @@ from compressor_svc.metrics import CompressorMetrics
 from compressor_svc.pipeline import CompressSession, InputPairer
 from compressor_svc.plan import plan_tensor
 from compressor_svc.reconstruct import (
+    resolve_base,
     resolve_manifest,
     selected_entries,
     stream_deltas,
     stream_rebuilt,
+    stream_rebuilt_from,
 )
 from compressor_svc.requests import CompressSpec, PlanSpec
 
@@ -133,6 +135,17 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
             manifest = resolve_manifest(self._store, header)
             entries = selected_entries(manifest, list(header.names))
             frame_bytes = self._config.max_frame_bytes
+            stored_base = resolve_base(self._store, header, manifest)
+            if stored_base is not None:
+                yield from stream_rebuilt_from(
+                    self._store,
+                    entries,
+                    stored_base,
+                    header.out_dtype,
+                    frame_bytes=frame_bytes,
+                    pass_through=not header.names,
+                )
+                return
             if not header.add_base:
                 yield from stream_deltas(self._store, entries, header.out_dtype, frame_bytes)
                 return

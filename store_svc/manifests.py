@@ -7,7 +7,8 @@ of the repository's commit lock; garbage collection sweeps under the exclusive s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -21,6 +22,7 @@ from store_svc.locking import SharedExclusiveLock
 
 MANIFEST_PREFIX = "manifests/"
 FORMAT_VERSION = 1
+_FILE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def manifest_key(digest: Digest) -> str:
@@ -33,15 +35,18 @@ def digest_from_manifest_key(key: str) -> Digest:
     return Digest(Algorithm(algorithm), bytes.fromhex(hex_value))
 
 
+def chunk_refs(manifest: common_pb2.Manifest) -> Iterator[common_pb2.ChunkRef]:
+    """Every chunk a manifest names, tensors' parts first, then its files (repeats kept)."""
+    for tensor in manifest.tensors:
+        for part in tensor.parts:
+            yield from part.chunks
+    for file in manifest.files:
+        yield from file.chunks
+
+
 def chunk_digests(manifest: common_pb2.Manifest) -> list[Digest]:
     """Every chunk digest a manifest names, in order, without duplicates."""
-    seen = (
-        Digest.from_proto(chunk.digest)
-        for tensor in manifest.tensors
-        for part in tensor.parts
-        for chunk in part.chunks
-    )
-    return list(dict.fromkeys(seen))
+    return list(dict.fromkeys(Digest.from_proto(chunk.digest) for chunk in chunk_refs(manifest)))
 
 
 def serialize(manifest: common_pb2.Manifest) -> bytes:
@@ -73,7 +78,7 @@ class ManifestStore:
             if missing:
                 raise MissingChunks(missing, context="manifest not committed")
             written = self._backend.put_if_absent(manifest_key(digest), data)
-        total = sum(c.size for t in manifest.tensors for p in t.parts for c in p.chunks)
+        total = sum(chunk.size for chunk in chunk_refs(manifest))
         return CommitResult(digest, not written, len(digests), total)
 
     def get(self, digest: Digest) -> common_pb2.Manifest:
@@ -115,7 +120,28 @@ def validate(manifest: common_pb2.Manifest) -> Algorithm:
             raise InvalidArgument(f"tensor name {tensor.name!r} is empty or repeated")
         names.add(tensor.name)
         _validate_tensor(tensor, algorithm)
+    snapshots = sum(t.kind == common_pb2.STORAGE_KIND_SNAPSHOT for t in manifest.tensors)
+    if 0 < snapshots < len(manifest.tensors):
+        raise InvalidArgument(
+            "a manifest is a registered base (every tensor a snapshot) or a delta (none)"
+        )
+    files: set[str] = set()
+    for file in manifest.files:
+        if file.name in files:
+            raise InvalidArgument(f"file {file.name!r} is named twice")
+        files.add(file.name)
+        _validate_file(file, algorithm)
     return algorithm
+
+
+def _validate_file(file: common_pb2.FileEntry, algorithm: Algorithm) -> None:
+    if not _FILE_NAME.fullmatch(file.name) or file.name in (".", ".."):
+        raise InvalidArgument(
+            f"file name {file.name!r} must be a plain name of [A-Za-z0-9._-], no directories"
+        )
+    if file.size != sum(chunk.size for chunk in file.chunks):
+        raise InvalidArgument(f"file {file.name!r}: size is not the sum of its chunk sizes")
+    _validate_chunks(f"file {file.name!r}", file.chunks, algorithm)
 
 
 def _validate_tensor(tensor: common_pb2.TensorEntry, algorithm: Algorithm) -> None:
@@ -129,13 +155,19 @@ def _validate_tensor(tensor: common_pb2.TensorEntry, algorithm: Algorithm) -> No
                 f"tensor {tensor.name!r} part {part.name!r}: byte_length is not the sum of "
                 "its chunk sizes"
             )
-        for chunk in part.chunks:
-            try:
-                digest = Digest.from_proto(chunk.digest)
-            except ValueError as exc:
-                raise InvalidArgument(f"tensor {tensor.name!r}: {exc}") from None
-            if digest.algorithm is not algorithm:
-                raise InvalidArgument(
-                    f"tensor {tensor.name!r}: chunk {digest} is not {algorithm.value} like the "
-                    "manifest's digest_algorithm"
-                )
+        _validate_chunks(f"tensor {tensor.name!r}", part.chunks, algorithm)
+
+
+def _validate_chunks(
+    owner: str, chunks: Iterable[common_pb2.ChunkRef], algorithm: Algorithm
+) -> None:
+    for chunk in chunks:
+        try:
+            digest = Digest.from_proto(chunk.digest)
+        except ValueError as exc:
+            raise InvalidArgument(f"{owner}: {exc}") from None
+        if digest.algorithm is not algorithm:
+            raise InvalidArgument(
+                f"{owner}: chunk {digest} is not {algorithm.value} like the manifest's "
+                "digest_algorithm"
+            )

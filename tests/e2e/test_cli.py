@@ -74,8 +74,27 @@ def test_scripted_session(pair: tuple[Path, Path], tmp_path: Path) -> None:
         assert done.returncode == EXIT_OK, done.stderr
         assert Checkpoint(out).names() == Checkpoint(tuned).names()
 
+        done = deltavault("register-base", base, "--ref", "bases/toy", "--json", server=server)
+        assert done.returncode == EXIT_OK, done.stderr
+        registered = json.loads(done.stdout)
+        assert registered["tensor_count"] == 2 and registered["new_chunk_bytes"] > 0
+        from_store = tmp_path / "from-store"
+        rebuild = ("reconstruct", "ci/toy", "--base-ref", "bases/toy", "--out", str(from_store))
+        done = deltavault(*rebuild, server=server)
+        assert done.returncode == EXIT_OK, done.stderr
+        for name in Checkpoint(out).names():
+            assert torch.equal(Checkpoint(from_store).get(name), Checkpoint(out).get(name))
+        mistaken = deltavault(
+            "reconstruct", "bases/toy", "--base", base, "--out", str(out), server=server
+        )
+        assert mistaken.returncode == EXIT_USAGE
+        assert "registered base, not a delta" in mistaken.stderr
+
         listed = json.loads(deltavault("ls", "--json", server=server).stdout)
-        assert listed == [{"ref": "ci/toy", "manifest": report["manifest"]}]
+        assert {r["ref"]: r["manifest"] for r in listed} == {
+            "ci/toy": report["manifest"],
+            "bases/toy": registered["manifest"],
+        }
         assert deltavault("verify", server=server).returncode == EXIT_OK
         assert deltavault("rm", "ci/toy", server=server).returncode == EXIT_OK
         assert deltavault("rm", "ci/toy", server=server).returncode == EXIT_NOT_FOUND

@@ -26,80 +26,11 @@ from clients.errors import (
 )
 from clients.safetensors_io import Checkpoint
 from clients.sdk import DeltaVault, TensorReport
-from compressor_svc.config import CompressorConfig
-from compressor_svc.server import CompressorServer, build_server
-from tests.integration.conftest import RunningStore
-from tests.support.checkpoints import write_checkpoint
+from compressor_svc.server import CompressorServer
+from tests.integration.conftest import EMBEDDING, LINEAR, RunningStore, start_compressor
 
 BASE = compressor_pb2.TENSOR_ROLE_BASE
 FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
-LINEAR = "model.layers.0.mlp.up_proj.weight"
-EMBEDDING = "model.embed_tokens.weight"
-
-
-def start_compressor(store_target: str, **overrides: object) -> CompressorServer:
-    settings: dict[str, object] = {
-        "store": store_target,
-        "port": 0,
-        "metrics_port": -1,
-        "max_frame_bytes": 64 * 1024,
-        "shutdown_grace_seconds": 1.0,
-        "torch_threads": 1,
-    }
-    settings.update(overrides)
-    server = build_server(CompressorConfig(**settings))  # type: ignore[arg-type]
-    server.start()
-    return server
-
-
-@pytest.fixture
-def compressor(store: RunningStore) -> Iterator[CompressorServer]:
-    server = start_compressor(store.target)
-    yield server
-    server.stop(grace=0)
-
-
-@pytest.fixture
-def vault(store: RunningStore, compressor: CompressorServer) -> Iterator[DeltaVault]:
-    with DeltaVault(store.target, f"127.0.0.1:{compressor.port}", frame_bytes=16 * 1024) as v:
-        yield v
-
-
-def model_tensors(seed: int, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=generator)
-
-    return {
-        "model.embed_tokens.weight": randn(50, 32).to(dtype),
-        LINEAR: (randn(96, 32) * 0.1).to(dtype),
-        "model.layers.0.mlp.down_proj.weight": (randn(32, 96) * 0.1).to(dtype),
-        "model.layers.0.input_layernorm.weight": torch.ones(32, dtype=dtype),
-        "model.layers.0.mlp.down_proj.bias": randn(32).to(dtype),
-        "model.position_ids": torch.arange(16),
-    }
-
-
-def finetune_of(base: dict[str, Tensor], seed: int = 1) -> dict[str, Tensor]:
-    """Low-rank updates of the linear weights, a few changed embedding rows, the rest kept."""
-    generator = torch.Generator().manual_seed(seed)
-    tuned = {name: t.clone() for name, t in base.items()}
-    for name in (LINEAR, "model.layers.0.mlp.down_proj.weight"):
-        d_out, d_in = base[name].shape
-        a, b = torch.randn(d_out, 4, generator=generator), torch.randn(4, d_in, generator=generator)
-        tuned[name] = (base[name].float() + 0.01 * a @ b).to(base[name].dtype)
-    tuned["model.embed_tokens.weight"][:3] += 0.05
-    return tuned
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> tuple[Path, Path]:
-    base = model_tensors(0)
-    return (
-        write_checkpoint(tmp_path / "base", base, shards=2),
-        write_checkpoint(tmp_path / "tuned", finetune_of(base), shards=2),
-    )
 
 
 def test_compress_then_reconstruct_rebuilds_the_finetune(

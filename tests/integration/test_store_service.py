@@ -182,6 +182,63 @@ def test_inconsistent_manifest_is_invalid(store: RunningStore) -> None:
         store.client.commit_manifest(manifest)
 
 
+def with_file(
+    client: StoreClient, manifest: common_pb2.Manifest, name: str, data: bytes
+) -> common_pb2.Manifest:
+    refs, _ = client.upload(data)
+    manifest.files.add(name=name, size=len(data), chunks=refs)
+    return manifest
+
+
+def test_side_files_are_committed_checked_and_read_back(store: RunningStore) -> None:
+    config = b'{"model_type": "toy", "id2label": {"0": "sport"}}'
+    manifest = with_file(store.client, make_manifest(store.client, b"w"), "config.json", config)
+    info = store.client.commit_manifest(manifest, ref="ns/with-files")
+    assert info.chunk_count == 2 and info.total_bytes == 1 + len(config)
+    (stored,) = store.client.get_manifest(info.digest).files
+    assert store.client.read(stored.chunks) == config
+
+    absent = Digest.of(b"never uploaded")
+    manifest = make_manifest(store.client, b"w")
+    manifest.files.add(
+        name="tokenizer.json",
+        size=3,
+        chunks=[common_pb2.ChunkRef(digest=absent.to_proto(), size=3)],
+    )
+    with pytest.raises(PreconditionError) as caught:
+        store.client.commit_manifest(manifest)
+    assert caught.value.missing == [absent]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("../config.json", "plain name"), ("sub/config.json", "plain name"), ("..", "plain name")],
+)
+def test_a_side_file_must_have_a_plain_name(store: RunningStore, name: str, message: str) -> None:
+    manifest = with_file(store.client, make_manifest(store.client, b"w"), name, b"{}")
+    with pytest.raises(InvalidArgumentError, match=message):
+        store.client.commit_manifest(manifest)
+
+
+def test_side_file_sizes_and_names_are_consistent(store: RunningStore) -> None:
+    manifest = with_file(store.client, make_manifest(store.client, b"w"), "a.json", b"{}")
+    manifest.files[0].size += 1
+    with pytest.raises(InvalidArgumentError, match="size"):
+        store.client.commit_manifest(manifest)
+    manifest = with_file(store.client, make_manifest(store.client, b"w"), "a.json", b"{}")
+    with pytest.raises(InvalidArgumentError, match="named twice"):
+        store.client.commit_manifest(with_file(store.client, manifest, "a.json", b"[]"))
+
+
+def test_a_manifest_is_a_base_or_a_delta_never_both(store: RunningStore) -> None:
+    manifest = make_manifest(store.client, b"w")
+    snapshot = manifest.tensors.add()
+    snapshot.CopyFrom(manifest.tensors[0])
+    snapshot.name, snapshot.kind = "other.weight", common_pb2.STORAGE_KIND_SNAPSHOT
+    with pytest.raises(InvalidArgumentError, match="registered base"):
+        store.client.commit_manifest(manifest)
+
+
 def test_ref_compare_and_swap(store: RunningStore) -> None:
     first = store.client.commit_manifest(make_manifest(store.client, b"one")).digest
     second = store.client.commit_manifest(make_manifest(store.client, b"two")).digest

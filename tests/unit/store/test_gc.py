@@ -64,3 +64,34 @@ def test_deleted_ref_releases_its_objects(backend: Backend) -> None:
     stats = repo.collect_garbage(grace_seconds=0, dry_run=False)
     assert (stats.refs_scanned, stats.chunks_swept, stats.manifests_swept) == (0, 1, 1)
     assert not backend.exists(chunk_key(chunk))
+
+
+def test_a_manifests_side_files_are_live(backend: Backend) -> None:
+    repo = Repository(backend, max_chunk_bytes=1 << 20)
+    tensor_chunk, _ = put_manifest(repo, os.urandom(64))
+    config = b'{"model_type": "toy"}'
+    file_chunk = Digest.of(config)
+    repo.chunks.put(file_chunk, config)
+    part = common_pb2.EncodedPart(
+        name="p",
+        byte_length=64,
+        chunks=[common_pb2.ChunkRef(digest=tensor_chunk.to_proto(), size=64)],
+    )
+    manifest = common_pb2.Manifest(
+        format_version=FORMAT_VERSION,
+        digest_algorithm=Algorithm.BLAKE3.to_proto(),
+        tensors=[common_pb2.TensorEntry(name="t", parts=[part])],
+        files=[
+            common_pb2.FileEntry(
+                name="config.json",
+                size=len(config),
+                chunks=[common_pb2.ChunkRef(digest=file_chunk.to_proto(), size=len(config))],
+            )
+        ],
+    )
+    digest = repo.commit(manifest)[0].digest
+    repo.refs.update(RefName("ns", "with-files"), digest, None)
+
+    swept = repo.collect_garbage(grace_seconds=0, dry_run=False)
+    assert swept.chunks_live == 2
+    assert backend.exists(chunk_key(file_chunk)) and backend.exists(chunk_key(tensor_chunk))

@@ -57,6 +57,8 @@ class _StorageKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StorageKi
     """the exact delta, possibly entropy coded"""
     STORAGE_KIND_ZERO: _StorageKind.ValueType  # 3
     """delta is exactly zero: nothing stored, base is kept"""
+    STORAGE_KIND_SNAPSHOT: _StorageKind.ValueType  # 4
+    """the tensor itself, not a delta (a registered base): one"""
 
 class StorageKind(_StorageKind, metaclass=_StorageKindEnumTypeWrapper):
     """How a tensor is kept in a manifest."""
@@ -68,6 +70,8 @@ STORAGE_KIND_LOSSLESS: StorageKind.ValueType  # 2
 """the exact delta, possibly entropy coded"""
 STORAGE_KIND_ZERO: StorageKind.ValueType  # 3
 """delta is exactly zero: nothing stored, base is kept"""
+STORAGE_KIND_SNAPSHOT: StorageKind.ValueType  # 4
+"""the tensor itself, not a delta (a registered base): one"""
 Global___StorageKind: _TypeAlias = StorageKind  # noqa: Y015
 
 @_typing.final
@@ -276,9 +280,39 @@ class TensorEntry(_message.Message):
 Global___TensorEntry: _TypeAlias = TensorEntry  # noqa: Y015
 
 @_typing.final
+class FileEntry(_message.Message):
+    """A file kept byte for byte beside the tensors: a checkpoint's config, tokenizer, index."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a plain file name, no directories"""
+    size: _builtins.int
+    """raw size in bytes = sum of chunk sizes"""
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkRef]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        chunks: _abc.Iterable[Global___ChunkRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "name", b"name", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileEntry: _TypeAlias = FileEntry  # noqa: Y015
+
+@_typing.final
 class Manifest(_message.Message):
-    """An immutable description of one compressed delta. Stored by the digest of its
-    deterministic serialization; refs point at it.
+    """An immutable description of one compressed delta, or of a registered base (every entry
+    SNAPSHOT). Stored by the digest of its deterministic serialization; refs point at it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -310,6 +344,7 @@ class Manifest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     """currently 1"""
     digest_algorithm: Global___DigestAlgorithm.ValueType
@@ -326,6 +361,10 @@ class Manifest(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileEntry]:
+        """Side files: a delta's are the fine-tune's, a registered base's are the base's."""
+
     def __init__(
         self,
         *,
@@ -336,10 +375,11 @@ class Manifest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         producer: _builtins.str = ...,
+        files: _abc.Iterable[Global___FileEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "created_at", b"created_at", "digest_algorithm", b"digest_algorithm", "format_version", b"format_version", "labels", b"labels", "producer", b"producer", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "created_at", b"created_at", "digest_algorithm", b"digest_algorithm", "files", b"files", "format_version", b"format_version", "labels", b"labels", "producer", b"producer", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

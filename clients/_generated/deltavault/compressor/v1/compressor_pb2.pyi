@@ -125,6 +125,7 @@ class CompressHeader(_message.Message):
     METHOD_OPTIONS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DIGEST_ALGORITHM_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """"adamix", "deltadq", "deltacome", "bitdelta", "dare", "lossless" """
     ratio: _builtins.float
@@ -147,6 +148,10 @@ class CompressHeader(_message.Message):
     def method_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FileEntry]:
+        """Side files of the fine-tune, already uploaded to the store: the manifest names them."""
+
     def __init__(
         self,
         *,
@@ -161,10 +166,11 @@ class CompressHeader(_message.Message):
         method_options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         digest_algorithm: _common_pb2.DigestAlgorithm.ValueType = ...,
+        files: _abc.Iterable[_common_pb2.FileEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expected_ref_target", b"expected_ref_target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "base_fingerprint", b"base_fingerprint", "digest_algorithm", b"digest_algorithm", "expected_ref_target", b"expected_ref_target", "force_ref", b"force_ref", "labels", b"labels", "lossy_patterns", b"lossy_patterns", "method", b"method", "method_options", b"method_options", "ratio", b"ratio", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "base_fingerprint", b"base_fingerprint", "digest_algorithm", b"digest_algorithm", "expected_ref_target", b"expected_ref_target", "files", b"files", "force_ref", b"force_ref", "labels", b"labels", "lossy_patterns", b"lossy_patterns", "method", b"method", "method_options", b"method_options", "ratio", b"ratio", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,11 +395,17 @@ class ReconstructHeader(_message.Message):
     ADD_BASE_FIELD_NUMBER: _builtins.int
     OUT_DTYPE_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    BASE_REF_FIELD_NUMBER: _builtins.int
+    BASE_MANIFEST_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     add_base: _builtins.bool
     """if set, the client streams base frames and gets base + delta back"""
     out_dtype: _builtins.str
     """dtype of returned tensors; empty: float32 deltas, or the fine-tuned dtype with add_base"""
+    base_ref: _builtins.str
+    """The base read from a registered base (its ref or manifest digest) instead of streamed
+    frames: the server sends back every tensor of the fine-tune and reads no more requests.
+    """
     @_builtins.property
     def manifest(self) -> _common_pb2.Digest:
         """alternative to ref"""
@@ -402,6 +414,8 @@ class ReconstructHeader(_message.Message):
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """subset of tensors; empty: all"""
 
+    @_builtins.property
+    def base_manifest(self) -> _common_pb2.Digest: ...
     def __init__(
         self,
         *,
@@ -410,10 +424,12 @@ class ReconstructHeader(_message.Message):
         add_base: _builtins.bool = ...,
         out_dtype: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
+        base_ref: _builtins.str = ...,
+        base_manifest: _common_pb2.Digest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base_manifest", b"base_manifest", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_base", b"add_base", "manifest", b"manifest", "names", b"names", "out_dtype", b"out_dtype", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_base", b"add_base", "base_manifest", b"base_manifest", "base_ref", b"base_ref", "manifest", b"manifest", "names", b"names", "out_dtype", b"out_dtype", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,143 @@
+"""Registered bases: a base checkpoint kept in the store, so a fine-tune can be rebuilt
+where no copy of its base is at hand (a serving pod, a CI job).
+
+A registered base is a manifest like a delta's, but every entry is a SNAPSHOT: the
+tensor itself, its little-endian bytes at its own dtype in one part ``values`` (exact for
+every dtype, integers and bools included), with the shard file it came from in
+``params["shard"]``. Its ``base_fingerprint`` is the base's own identity, the one a delta
+made against that base records, so a delta is never applied to a different base by
+mistake. Its side files (config, tokenizer, shard index) are in the manifest's ``files``.
+The chunks are content-addressed like every other: registering the same base twice, or
+two bases sharing tensors, stores each tensor once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import Tensor
+
+from clients._generated.deltavault.common.v1 import common_pb2
+from clients.encoding import WIRE_DTYPES, UploadedTensor, dtype_name, tensor_bytes
+from clients.errors import PreconditionError
+from clients.safetensors_io import SAFETENSORS_DTYPES, CheckpointError, TensorInfo
+from clients.side_files import write_files
+from clients.store_client import StoreClient
+from store_svc.digest import Algorithm
+
+SNAPSHOT = common_pb2.STORAGE_KIND_SNAPSHOT
+SNAPSHOT_METHOD = "snapshot"
+SHARD_PARAM = "shard"
+
+
+def is_base(manifest: common_pb2.Manifest) -> bool:
+    """Whether a manifest is a registered base (the store keeps kinds unmixed)."""
+    return bool(manifest.tensors) and manifest.tensors[0].kind == SNAPSHOT
+
+
+def upload_snapshot(
+    store: StoreClient,
+    name: str,
+    tensor: Tensor,
+    *,
+    shard: str,
+    algorithm: Algorithm = Algorithm.BLAKE3,
+) -> UploadedTensor:
+    """Store one base tensor as it is (only the chunks the store lacks) and describe it."""
+    data = tensor_bytes(tensor)
+    dtype = dtype_name(tensor.dtype)
+    chunks, stats = store.upload(data, algorithm)
+    entry = common_pb2.TensorEntry(
+        name=name,
+        kind=SNAPSHOT,
+        method=SNAPSHOT_METHOD,
+        method_version=1,
+        shape=list(tensor.shape),
+        dtype=dtype,
+        params={SHARD_PARAM: shard},
+        nbits=len(data) * 8,
+    )
+    entry.parts.add(
+        name="values",
+        dtype=dtype,
+        shape=list(tensor.shape),
+        nbits=len(data) * 8,
+        byte_length=len(data),
+        chunks=chunks,
+    )
+    return UploadedTensor(entry, len(data), stats.bytes_sent)
+
+
+class StoredBase:
+    """A registered base, read like a :class:`~clients.safetensors_io.Checkpoint`: names,
+    shapes and dtypes from the manifest, each tensor's bytes fetched when asked for."""
+
+    def __init__(self, store: StoreClient, manifest: common_pb2.Manifest, label: str) -> None:
+        if not is_base(manifest):
+            raise ValueError(f"{label} is a delta, not a registered base")
+        self._store = store
+        self._manifest = manifest
+        self._entries = {entry.name: entry for entry in manifest.tensors}
+        self.label = label
+
+    @property
+    def fingerprint(self) -> str:
+        return self._manifest.base_fingerprint
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def info(self, name: str) -> TensorInfo:
+        entry = self._entry(name)
+        code = SAFETENSORS_DTYPES[WIRE_DTYPES[entry.dtype]]
+        return TensorInfo(name, tuple(entry.shape), code, entry.params[SHARD_PARAM])
+
+    def get(self, name: str) -> Tensor:
+        """One tensor, read and verified chunk by chunk into its own buffer."""
+        entry = self._entry(name)
+        dtype = WIRE_DTYPES[entry.dtype]
+        (part,) = entry.parts
+        buffer = torch.empty(math.prod(entry.shape) * dtype.itemsize, dtype=torch.uint8)
+        array: Any = buffer.numpy()
+        self._store.read_into(part.chunks, memoryview(array))
+        return buffer.view(dtype).reshape(tuple(entry.shape))
+
+    def shards(self) -> dict[str, list[str]]:
+        layout: dict[str, list[str]] = {}
+        for entry in self._entries.values():
+            layout.setdefault(entry.params[SHARD_PARAM], []).append(entry.name)
+        return layout
+
+    def iter_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        for name in self._entries:
+            yield name, self.get(name)
+
+    def write_side_files(self, out: Path) -> None:
+        write_files(self._store, self._manifest.files, out)
+
+    def _entry(self, name: str) -> common_pb2.TensorEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(
+                f"the registered base {self.label} has no tensor {name!r}"
+            ) from None
+
+
+def check_same_base(delta: common_pb2.Manifest, base: StoredBase, delta_label: str) -> None:
+    """FAILED_PRECONDITION unless ``delta`` was made against ``base`` (as far as both
+    record their base)."""
+    if delta.base_fingerprint and base.fingerprint and delta.base_fingerprint != base.fingerprint:
+        raise PreconditionError(
+            f"{delta_label} was made against base {delta.base_fingerprint}; the registered "
+            f"base {base.label} is {base.fingerprint}",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
