@@ -87,6 +87,12 @@ _BY_CODE: dict[grpc.StatusCode, type[DeltaVaultError]] = {
 }
 
 
+def is_unavailable(error: grpc.RpcError) -> bool:
+    """Whether a failed call is worth retrying: the service was unreachable or too slow."""
+    call: grpc.Call = error  # type: ignore[assignment]
+    return _BY_CODE.get(call.code()) is UnavailableError
+
+
 def from_rpc_error(error: grpc.RpcError) -> DeltaVaultError:
     """The client exception for a failed call, with its structured details parsed."""
     call: grpc.Call = error  # type: ignore[assignment]

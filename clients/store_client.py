@@ -22,9 +22,8 @@ from clients.channel import Closing, MiB, open_channel
 from clients.errors import (
     ConflictError,
     DataLossError,
-    DeltaVaultError,
-    UnavailableError,
     from_rpc_error,
+    is_unavailable,
 )
 from clients.wire import method_path, serialize_with_bytes
 from store_svc.digest import Algorithm, Digest
@@ -146,10 +145,9 @@ class StoreClient(Closing):
                     yield item
                 return
             except grpc.RpcError as error:
-                exc = from_rpc_error(error)
-                if not isinstance(exc, UnavailableError) or delay is None:
-                    raise exc from None
-                time.sleep(delay)
+                if delay is None or not is_unavailable(error):
+                    raise from_rpc_error(error) from None
+            time.sleep(delay)
 
     def read(self, refs: Iterable[common_pb2.ChunkRef]) -> bytes:
         """Concatenated bytes of whole chunks, each verified by the server and here."""
@@ -272,10 +270,12 @@ class StoreClient(Closing):
             try:
                 return fn()
             except grpc.RpcError as error:
-                exc: DeltaVaultError = from_rpc_error(error)
-                if not isinstance(exc, UnavailableError) or delay is None:
-                    raise exc from None
-                time.sleep(delay)
+                # Raised, never bound to a local: a frame holding its own exception is a
+                # reference cycle, and the cycle would keep every frame of the traceback
+                # alive (a server's stream with its tensors) until the cycle collector runs.
+                if delay is None or not is_unavailable(error):
+                    raise from_rpc_error(error) from None
+            time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _frames(self, chunks: Sequence[tuple[Digest, bytes | memoryview]]) -> Iterator[bytes]:

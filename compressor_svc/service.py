@@ -99,8 +99,11 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
                         continue
                     encoding = session.encode(item)
                     del item  # free the weights before the upload
-                    if encoding is not None:
-                        yield compressor_pb2.CompressResponse(tensor=session.upload(encoding))
+                    if encoding is None:
+                        continue
+                    event = session.upload(encoding)
+                    del encoding  # and the encoding before the next tensor's frames arrive
+                    yield compressor_pb2.CompressResponse(tensor=event)
                 pairer.finish()
                 yield from session.finish()
             finally:

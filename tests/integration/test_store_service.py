@@ -6,10 +6,12 @@ leave nothing written.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import urllib.request
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
 from clients.errors import (
     ConflictError,
     DataLossError,
+    DeltaVaultError,
     InvalidArgumentError,
     NotFoundError,
     PreconditionError,
@@ -237,6 +240,29 @@ def test_a_manifest_is_a_base_or_a_delta_never_both(store: RunningStore) -> None
     snapshot.name, snapshot.kind = "other.weight", common_pb2.STORAGE_KIND_SNAPSHOT
     with pytest.raises(InvalidArgumentError, match="registered base"):
         store.client.commit_manifest(manifest)
+
+
+def _raised_by(call: Callable[[], object]) -> weakref.ref[BaseException]:
+    try:
+        call()
+    except DeltaVaultError as exc:
+        return weakref.ref(exc)
+    raise AssertionError("the call did not fail")
+
+
+def test_a_failed_call_leaves_no_reference_cycle(store: RunningStore) -> None:
+    """A cycle through a failed call's traceback would keep the caller's frames, and the
+    tensors in them, alive until the cycle collector happens to run."""
+    gc.collect()
+    gc.disable()
+    try:
+        for call in (
+            partial(store.client.resolve_ref, "ns/absent"),
+            partial(store.client.read, [common_pb2.ChunkRef(digest=Digest.of(b"x").to_proto())]),
+        ):
+            assert _raised_by(call)() is None
+    finally:
+        gc.enable()
 
 
 def test_ref_compare_and_swap(store: RunningStore) -> None:
