@@ -3,7 +3,7 @@ DELTAVAULT_COMPRESSOR_<FLAG>."""
 
 from __future__ import annotations
 
-import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+import clients.runtime_defaults  # noqa: F401  (first: before torch loads)
 
 # isort: split
 

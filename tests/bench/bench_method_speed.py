@@ -22,7 +22,7 @@ A benchmark, not a test.
 
 from __future__ import annotations
 
-import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+import clients.runtime_defaults  # noqa: F401  (first: before torch loads)
 
 # isort: split
 

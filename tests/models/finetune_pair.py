@@ -21,7 +21,7 @@ bar on stderr shows the fine-tune's steps, loss and time left.
 
 from __future__ import annotations
 
-import clients.omp_policy  # noqa: F401  (first: before torch loads OpenMP)
+import clients.runtime_defaults  # noqa: F401  (first: before torch loads)
 
 # isort: split
 
