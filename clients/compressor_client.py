@@ -10,7 +10,7 @@ can simply run it again).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -21,7 +21,7 @@ from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.channel import Closing, open_channel
 from clients.encoding import FrameAssembler, FrameError, RoleTensor, serialized_frames
 from clients.errors import DataLossError, from_rpc_error
-from clients.wire import method_path
+from clients.wire import bytes_field_parser, method_path
 
 T = TypeVar("T")
 
@@ -49,18 +49,22 @@ class CompressorClient(Closing):
         self.target = target
         self._channel = channel or open_channel(target)
         # The stub's own callables would serialize each request; ours arrive serialized.
-        self._compress = self._stream(_METHOD_COMPRESS, compressor_pb2.CompressResponse)
-        self._plan = self._stream(_METHOD_PLAN, compressor_pb2.PlanResponse)
-        self._reconstruct = self._stream(_METHOD_RECONSTRUCT, compressor_pb2.ReconstructResponse)
+        # Reconstruct's frames come back with their bytes apart, not copied (clients.wire).
+        self._compress = self._stream(_METHOD_COMPRESS, compressor_pb2.CompressResponse.FromString)
+        self._plan = self._stream(_METHOD_PLAN, compressor_pb2.PlanResponse.FromString)
+        self._reconstruct = self._stream(
+            _METHOD_RECONSTRUCT,
+            bytes_field_parser(compressor_pb2.ReconstructResponse, "frame", "data"),
+        )
         self._frame_bytes = frame_bytes
         self._timeout = timeout
 
     def close(self) -> None:
         self._channel.close()
 
-    def _stream(self, method: str, response_type: type[Message]) -> Any:
+    def _stream(self, method: str, deserialize: Callable[[bytes], Any]) -> Any:
         return self._channel.stream_stream(
-            method, request_serializer=None, response_deserializer=response_type.FromString
+            method, request_serializer=None, response_deserializer=deserialize
         )
 
     def compress(
@@ -100,9 +104,9 @@ class CompressorClient(Closing):
         frames = FrameAssembler(max_tensor_bytes)
         outgoing = _Outgoing(self._requests(request(header=header), request, "base", tensors))
         call = self._reconstruct(iter(outgoing), timeout=self._timeout)
-        for response in _raising(call, outgoing):
+        for response, data in _raising(call, outgoing):
             try:
-                tensor = frames.add(response.frame)
+                tensor = frames.add(response.frame, data)
             except FrameError as exc:
                 raise DataLossError(str(exc), grpc.StatusCode.DATA_LOSS) from None
             if tensor is not None:

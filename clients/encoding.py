@@ -119,7 +119,7 @@ class _Partial:
     def size(self) -> int:
         return len(self._view)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         end = self.received + len(data)
         self._view[self.received : end] = data
         self.received = end
@@ -144,7 +144,9 @@ class FrameAssembler:
         """(role, name) of every tensor whose frames have not all arrived."""
         return list(self._partial)
 
-    def add(self, frame: compressor_pb2.TensorFrame) -> Tensor | None:
+    def add(self, frame: compressor_pb2.TensorFrame, data: bytes | memoryview) -> Tensor | None:
+        """Add one frame whose bytes are ``data`` (``frame.data`` itself is not read: a
+        received frame's bytes come apart from it, see ``clients.wire.parse_with_bytes``)."""
         key = (int(frame.role), frame.name)
         partial = self._partial.get(key) or self._start(frame)
         if tuple(frame.shape) != partial.shape or frame.dtype != partial.dtype:
@@ -157,7 +159,6 @@ class FrameAssembler:
                 f"tensor {frame.name!r}: frame at byte {frame.offset}, expected "
                 f"{partial.received} (frames of a tensor must arrive in order)"
             )
-        data = frame.data  # read once: each read of a bytes field copies it
         if partial.received + len(data) > partial.size:
             raise FrameError(
                 f"tensor {frame.name!r}: frames carry more than its {partial.size} bytes"

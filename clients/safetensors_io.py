@@ -3,21 +3,22 @@
 A checkpoint is a directory holding ``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``, or any other ``*.safetensors`` files (a PEFT adapter's
 ``adapter_model.safetensors``), or a single ``.safetensors`` file. Only the headers are
-read up front; a tensor's bytes are read when it is asked for, so a checkpoint larger
-than memory can be walked tensor by tensor.
+read up front; a tensor is a copy-on-write map of its bytes in the file, read from the
+page cache as it is touched, so a checkpoint larger than memory can be walked tensor by
+tensor and streaming a tensor out never copies it whole first.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 OTHER_WEIGHT_SUFFIXES = frozenset(
@@ -38,6 +39,8 @@ class TensorInfo:
     """safetensors dtype code: ``F32``, ``F16``, ``BF16``, ``I64``, ..."""
     shard: str
     """File name of the shard holding the tensor."""
+    byte_range: tuple[int, int] = (0, 0)
+    """Where its bytes are in the shard file (absolute offsets; unset outside a file)."""
 
     @property
     def nbytes(self) -> int:
@@ -51,6 +54,7 @@ class Checkpoint:
         self.path = Path(path)
         self._shard_paths = _shard_paths(self.path)
         self._infos = {info.name: info for info in self._read_headers()}
+        self._maps: dict[str, mmap.mmap] = {}
 
     @property
     def directory(self) -> Path:
@@ -70,11 +74,19 @@ class Checkpoint:
         return name in self._infos
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard (a copy in memory, independent of the file)."""
+        """One tensor, mapped from its shard: its pages are read as they are touched, and
+        writes to it stay private to this process (the file never changes)."""
         info = self.info(name)
-        with safe_open(self.directory / info.shard, framework="pt") as shard:
-            tensor: torch.Tensor = shard.get_tensor(name)
-        return tensor
+        dtype = torch_dtype(info.dtype)
+        start, end = info.byte_range
+        if start == end:
+            return torch.empty(info.shape, dtype=dtype)
+        mapped = self._map(info.shard)
+        if start % dtype.itemsize:  # torch needs aligned elements: copy this rare one
+            raw = torch.frombuffer(bytearray(mapped[start:end]), dtype=torch.uint8)
+            return raw.view(dtype).reshape(info.shape)
+        count = (end - start) // dtype.itemsize
+        return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start).reshape(info.shape)
 
     def shards(self) -> dict[str, list[str]]:
         """Shard file name -> the names it holds, to write another checkpoint alike."""
@@ -107,23 +119,47 @@ class Checkpoint:
             shutil.copy2(path, out / path.name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one at a time, each shard opened once."""
-        for shard_name, names in self.shards().items():
-            with safe_open(self.directory / shard_name, framework="pt") as shard:
-                for name in names:
-                    yield name, shard.get_tensor(name)
+        """Every tensor, one at a time, shard by shard."""
+        for names in self.shards().values():
+            for name in names:
+                yield name, self.get(name)
+
+    def _map(self, shard: str) -> mmap.mmap:
+        if shard not in self._maps:
+            with (self.directory / shard).open("rb") as file:
+                self._maps[shard] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[shard]
 
     def _read_headers(self) -> Iterator[TensorInfo]:
         for shard_path in self._shard_paths:
             try:
-                with safe_open(shard_path, framework="pt") as shard:
-                    for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        view = shard.get_slice(name)
-                        yield TensorInfo(
-                            name, tuple(view.get_shape()), view.get_dtype(), shard_path.name
-                        )
-            except (OSError, SafetensorError) as exc:
+                yield from _shard_header(shard_path)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"cannot read {shard_path}: {exc}") from exc
+
+
+def _shard_header(path: Path) -> list[TensorInfo]:
+    """The tensors a ``.safetensors`` file holds, by name, from its header: an 8-byte
+    little-endian length, then that many bytes of JSON giving each tensor's dtype, shape
+    and byte range relative to the end of the header."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if not 0 < length <= size - 8:
+            raise ValueError(f"header length {length} does not fit a {size}-byte file")
+        header = json.loads(file.read(length))
+    data_start = 8 + length
+    infos = []
+    for name, entry in sorted(header.items()):
+        if name == "__metadata__":
+            continue
+        begin, end = (data_start + offset for offset in entry["data_offsets"])
+        shape = tuple(int(d) for d in entry["shape"])
+        nbytes = math.prod(shape) * torch_dtype(entry["dtype"]).itemsize
+        if not data_start <= begin <= end <= size or end - begin != nbytes:
+            raise ValueError(f"tensor {name!r}: bytes {begin}..{end} do not fit its header")
+        infos.append(TensorInfo(name, shape, entry["dtype"], path.name, (begin, end)))
+    return infos
 
 
 def _shard_paths(path: Path) -> list[Path]:

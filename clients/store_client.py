@@ -25,7 +25,7 @@ from clients.errors import (
     from_rpc_error,
     is_unavailable,
 )
-from clients.wire import method_path, serialize_with_bytes
+from clients.wire import bytes_field_parser, method_path, serialize_with_bytes
 from store_svc.digest import Algorithm, Digest
 
 T = TypeVar("T")
@@ -34,6 +34,7 @@ DEFAULT_CHUNK_BYTES = 4 * MiB
 DEFAULT_FRAME_BYTES = 1 * MiB
 _MISSING_BATCH = 1000
 _METHOD_PUT_CHUNKS = method_path(store_pb2, "DeltaStore", "PutChunks")
+_METHOD_GET_CHUNKS = method_path(store_pb2, "DeltaStore", "GetChunks")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class StoreClient(Closing):
             _METHOD_PUT_CHUNKS,
             request_serializer=None,
             response_deserializer=store_pb2.PutChunksResponse.FromString,
+        )
+        self._get_chunks: Any = self._channel.unary_stream(  # frames' bytes come apart
+            _METHOD_GET_CHUNKS,
+            request_serializer=store_pb2.GetChunksRequest.SerializeToString,
+            response_deserializer=bytes_field_parser(store_pb2.GetChunksResponse, "data"),
         )
         self.chunk_bytes = chunk_bytes
         self._frame_bytes = frame_bytes
@@ -298,10 +304,9 @@ class StoreClient(Closing):
                 store_pb2.ChunkRange(digest=d.to_proto(), offset=o, length=n) for d, o, n in ranges
             ]
         )
-        pieces: list[bytes] = []
-        for frame in self._stub.GetChunks(request, timeout=self._timeout):
-            pieces.append(frame.data)
+        pieces: list[memoryview] = []
+        for frame, data in self._get_chunks(request, timeout=self._timeout):
+            pieces.append(data)
             if frame.last:
-                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                yield Digest.from_proto(frame.digest), data
+                yield Digest.from_proto(frame.digest), b"".join(pieces)
                 pieces = []

@@ -114,13 +114,15 @@ class InputPairer:
     def __post_init__(self) -> None:
         self._frames = FrameAssembler(self.max_tensor_bytes)
 
-    def add(self, frame: compressor_pb2.TensorFrame) -> TensorInput | None:
+    def add(
+        self, frame: compressor_pb2.TensorFrame, data: bytes | memoryview
+    ) -> TensorInput | None:
         if frame.role not in _ROLE_NAMES:
             raise InvalidInput(f"tensor {frame.name!r}: frame without a valid role")
         if frame.name in self._done:
             raise InvalidInput(f"tensor {frame.name!r} was already sent complete")
         try:
-            tensor = self._frames.add(frame)
+            tensor = self._frames.add(frame, data)
         except FrameError as exc:
             raise InvalidInput(str(exc)) from None
         if tensor is None:

@@ -24,9 +24,10 @@ from clients.encoding import (
     FrameError,
     decode_entry,
     rebuild_tensor,
-    tensor_frames,
+    serialized_frames,
 )
 from clients.store_client import StoreClient
+from clients.wire import WithBytes
 from compressor_svc.errors import InvalidInput, MissingBase
 from store_svc.digest import Digest
 
@@ -106,39 +107,38 @@ def stream_deltas(
     entries: dict[str, common_pb2.TensorEntry],
     out_dtype: str,
     frame_bytes: int,
-) -> Iterator[compressor_pb2.ReconstructResponse]:
+) -> Iterator[bytes]:
     dtype = _out_dtype(out_dtype, torch.float32)
     assert dtype is not None
     for name, entry in entries.items():
         if entry.kind == common_pb2.STORAGE_KIND_ZERO:
             continue
         delta = decode_entry(store, entry).to(dtype)
-        for frame in tensor_frames(name, DELTA, delta, frame_bytes):
-            yield compressor_pb2.ReconstructResponse(frame=frame)
+        yield from _response_frames(name, DELTA, delta, frame_bytes)
 
 
 def stream_rebuilt(
     store: StoreClient,
     entries: dict[str, common_pb2.TensorEntry],
-    requests: Iterator[compressor_pb2.ReconstructRequest],
+    requests: Iterator[WithBytes[compressor_pb2.ReconstructRequest]],
     out_dtype: str,
     *,
     frame_bytes: int,
     max_tensor_bytes: int,
     pass_through: bool,
-) -> Iterator[compressor_pb2.ReconstructResponse]:
+) -> Iterator[bytes]:
     """Rebuilt tensors as base frames arrive; ``pass_through`` returns base tensors without
     an entry unchanged (off when the client asked for a subset)."""
     forced = _out_dtype(out_dtype, None)
     frames = FrameAssembler(max_tensor_bytes)
     remaining = dict(entries)
-    for request in requests:
+    for request, data in requests:
         if request.HasField("end"):
             break
         if not request.HasField("base"):
             raise InvalidInput("after the header, send base frames and then an End")
         try:
-            base = frames.add(request.base)
+            base = frames.add(request.base, data)
         except FrameError as exc:
             raise InvalidInput(str(exc)) from None
         name = request.base.name
@@ -161,7 +161,7 @@ def stream_rebuilt_from(
     *,
     frame_bytes: int,
     pass_through: bool,
-) -> Iterator[compressor_pb2.ReconstructResponse]:
+) -> Iterator[bytes]:
     """Rebuilt tensors of a registered base, one read at a time: every base tensor with
     ``pass_through``, else only those ``entries`` names (checked present before any read)."""
     forced = _out_dtype(out_dtype, None)
@@ -182,13 +182,21 @@ def _rebuilt_frames(
     *,
     dtype: torch.dtype | None,
     frame_bytes: int,
-) -> Iterator[compressor_pb2.ReconstructResponse]:
+) -> Iterator[bytes]:
     try:
         rebuilt = rebuild_tensor(store, entry, base, dtype)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
-    for frame in tensor_frames(name, FINETUNED, rebuilt, frame_bytes):
-        yield compressor_pb2.ReconstructResponse(frame=frame)
+    yield from _response_frames(name, FINETUNED, rebuilt, frame_bytes)
+
+
+def _response_frames(
+    name: str, role: compressor_pb2.TensorRole.ValueType, tensor: torch.Tensor, frame_bytes: int
+) -> Iterator[bytes]:
+    """The tensor as serialized ReconstructResponse frames (see :mod:`clients.wire`)."""
+    return serialized_frames(
+        compressor_pb2.ReconstructResponse, "frame", (name, role, tensor), frame_bytes
+    )
 
 
 def _check_all_found(missing: dict[str, common_pb2.TensorEntry]) -> None:

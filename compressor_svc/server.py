@@ -12,11 +12,11 @@ import grpc
 import torch
 from grpc_health.v1 import health
 
-from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.store_client import StoreClient
 from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.metrics import CompressorMetrics
-from compressor_svc.service import CompressorServicer
+from compressor_svc.service import CompressorServicer, add_to_server
 from store_svc.interceptors import CallInterceptor
 from store_svc.serving import (
     add_health_and_reflection,
@@ -109,7 +109,7 @@ def build_server(config: CompressorConfig) -> CompressorServer:
         metrics,
         device,
     )
-    compressor_pb2_grpc.add_CompressorServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:

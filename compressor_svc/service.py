@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import grpc
 import torch
 
-from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.store_client import StoreClient
+from clients.wire import WithBytes, bytes_field_parser
 from compressor_svc.config import CompressorConfig
 from compressor_svc.errors import InvalidInput
 from compressor_svc.metrics import CompressorMetrics
@@ -25,17 +27,22 @@ from compressor_svc.reconstruct import (
 )
 from compressor_svc.requests import CompressSpec, PlanSpec
 
-Request = compressor_pb2.CompressRequest | compressor_pb2.PlanRequest
+R = TypeVar("R", compressor_pb2.CompressRequest, compressor_pb2.PlanRequest)
+Frame = tuple[compressor_pb2.TensorFrame, memoryview]
+"""A received frame and, apart from it, its bytes."""
 
 
-def _header(requests: Iterator[Request], rpc: str) -> Request:
+def _header(requests: Iterator[WithBytes[R]], rpc: str) -> R:
     first = next(requests, None)
-    if first is None or not first.HasField("header"):
+    if first is None or not first.message.HasField("header"):
         raise InvalidInput(f"{rpc}: the first message must be a header")
-    return first
+    return first.message
 
 
-class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
+class CompressorServicer:
+    """The three streaming methods, over requests parsed by :func:`add_to_server`'s
+    deserializers (so not the generated servicer base class, whose types they differ from)."""
+
     def __init__(
         self,
         config: CompressorConfig,
@@ -62,27 +69,24 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
     def _pairer(self) -> InputPairer:
         return InputPairer(self._config.max_tensor_bytes, self._config.max_inflight_bytes)
 
-    def _frames(
-        self, requests: Iterator[Request], rpc: str
-    ) -> Iterator[compressor_pb2.TensorFrame]:
+    def _frames(self, requests: Iterator[WithBytes[R]], rpc: str) -> Iterator[Frame]:
         """Frames until End; InvalidInput if the stream stops without one."""
-        for request in requests:
+        for request, data in requests:
             if request.HasField("end"):
                 return
             if not request.HasField("frame"):
                 raise InvalidInput(f"{rpc}: only frames and one End may follow the header")
-            self._metrics.received_bytes.inc(len(request.frame.data))
-            yield request.frame
+            self._metrics.received_bytes.inc(len(data))
+            yield request.frame, data
         raise InvalidInput(f"{rpc}: the stream ended without End; nothing was committed")
 
     def Compress(
         self,
-        request_iterator: Iterator[compressor_pb2.CompressRequest],
+        request_iterator: Iterator[WithBytes[compressor_pb2.CompressRequest]],
         context: grpc.ServicerContext,
     ) -> Iterator[compressor_pb2.CompressResponse]:
         with self._tracked():
             header = _header(request_iterator, "Compress")
-            assert isinstance(header, compressor_pb2.CompressRequest)
             spec = CompressSpec.from_proto(header.header)
             session = CompressSession(
                 spec,
@@ -93,8 +97,8 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
             )
             pairer = self._pairer()
             try:
-                for frame in self._frames(request_iterator, "Compress"):
-                    item = pairer.add(frame)
+                for frame, data in self._frames(request_iterator, "Compress"):
+                    item = pairer.add(frame, data)
                     if item is None:
                         continue
                     encoding = session.encode(item)
@@ -110,15 +114,16 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
                 session.close()
 
     def Plan(
-        self, request_iterator: Iterator[compressor_pb2.PlanRequest], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterator[WithBytes[compressor_pb2.PlanRequest]],
+        context: grpc.ServicerContext,
     ) -> Iterator[compressor_pb2.PlanResponse]:
         with self._tracked():
             header = _header(request_iterator, "Plan")
-            assert isinstance(header, compressor_pb2.PlanRequest)
             spec = PlanSpec.from_proto(header.header)
             pairer = self._pairer()
-            for frame in self._frames(request_iterator, "Plan"):
-                item = pairer.add(frame)
+            for frame, data in self._frames(request_iterator, "Plan"):
+                item = pairer.add(frame, data)
                 if item is not None:
                     response = plan_tensor(item, spec)
                     if response is not None:
@@ -127,17 +132,17 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
 
     def Reconstruct(
         self,
-        request_iterator: Iterator[compressor_pb2.ReconstructRequest],
+        request_iterator: Iterator[WithBytes[compressor_pb2.ReconstructRequest]],
         context: grpc.ServicerContext,
-    ) -> Iterator[compressor_pb2.ReconstructResponse]:
+    ) -> Iterator[bytes]:
         with self._tracked():
             first = next(request_iterator, None)
-            if first is None or not first.HasField("header"):
+            if first is None or not first.message.HasField("header"):
                 raise InvalidInput("Reconstruct: the first message must be a header")
-            header = first.header
+            header = first.message.header
             manifest = resolve_manifest(self._store, header)
             entries = selected_entries(manifest, list(header.names))
-            frame_bytes = self._config.max_frame_bytes
+            frame_bytes = self._config.reply_frame_bytes
             stored_base = resolve_base(self._store, header, manifest)
             if stored_base is not None:
                 yield from stream_rebuilt_from(
@@ -161,3 +166,30 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
                 max_tensor_bytes=self._config.max_tensor_bytes,
                 pass_through=not header.names,
             )
+
+
+def add_to_server(servicer: CompressorServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` with the frame-aware wire code of :mod:`clients.wire`: request
+    frames arrive with their bytes apart (``WithBytes``), Reconstruct sends its frames
+    already serialized."""
+    pb = compressor_pb2
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Compress": grpc.stream_stream_rpc_method_handler(
+            servicer.Compress,
+            request_deserializer=bytes_field_parser(pb.CompressRequest, "frame", "data"),
+            response_serializer=pb.CompressResponse.SerializeToString,
+        ),
+        "Plan": grpc.stream_stream_rpc_method_handler(
+            servicer.Plan,
+            request_deserializer=bytes_field_parser(pb.PlanRequest, "frame", "data"),
+            response_serializer=pb.PlanResponse.SerializeToString,
+        ),
+        "Reconstruct": grpc.stream_stream_rpc_method_handler(
+            servicer.Reconstruct,
+            request_deserializer=bytes_field_parser(pb.ReconstructRequest, "base", "data"),
+            response_serializer=None,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Compressor"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

@@ -74,6 +74,13 @@ class StoreConfig:
             raise ValueError("workers, io_threads and stream_window must be at least 1")
 
     @property
+    def reply_frame_bytes(self) -> int:
+        """Data bytes in each GetChunks frame: at most 256 KiB, which keeps a serialized
+        frame on malloc's heap where the compressor pins the mmap threshold at 1 MiB (the
+        embedded store shares its process); see ``clients.wire``."""
+        return min(self.max_frame_bytes, 256 * 1024)
+
+    @property
     def max_message_bytes(self) -> int:
         """gRPC message cap: one frame plus room for its digest and offsets."""
         return self.max_frame_bytes + 64 * 1024

@@ -10,14 +10,14 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health
 
-from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
+from clients._generated.deltavault.store.v1 import store_pb2
 from store_svc.backends.base import Backend
 from store_svc.backends.instrumented import InstrumentedBackend
 from store_svc.config import BackendKind, StoreConfig
 from store_svc.interceptors import CallInterceptor
 from store_svc.metrics import StoreMetrics
 from store_svc.repository import Repository
-from store_svc.service import DeltaStoreServicer
+from store_svc.service import DeltaStoreServicer, add_to_server
 from store_svc.serving import (
     add_health_and_reflection,
     drain,
@@ -103,9 +103,7 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
         ],
     )
     io = futures.ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="store-io")
-    store_pb2_grpc.add_DeltaStoreServicer_to_server(
-        DeltaStoreServicer(repo, config, metrics, io), server
-    )
+    add_to_server(DeltaStoreServicer(repo, config, metrics, io), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:

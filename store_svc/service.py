@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from clients._generated.deltavault.common.v1 import common_pb2
-from clients._generated.deltavault.store.v1 import store_pb2, store_pb2_grpc
+from clients._generated.deltavault.store.v1 import store_pb2
+from clients.wire import WithBytes, bytes_field_parser, serialize_with_bytes
 from store_svc.config import StoreConfig
 from store_svc.digest import Digest
 from store_svc.errors import InvalidArgument, NotFound, PermissionDenied
@@ -65,7 +66,10 @@ def _prefix_allowed(prefix: str) -> None:
         raise PermissionDenied(f"{caller.principal} may list only within its own namespaces")
 
 
-class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
+class DeltaStoreServicer:
+    """The store's methods; :func:`add_to_server` registers them with the frame-aware wire
+    code of :mod:`clients.wire` for the two chunk streams."""
+
     def __init__(
         self, repo: Repository, config: StoreConfig, metrics: StoreMetrics, io: Executor
     ) -> None:
@@ -82,16 +86,16 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
         return store_pb2.MissingChunksResponse(missing=[d.to_proto() for d in missing])
 
     def PutChunks(
-        self, request_iterator: Iterable[store_pb2.PutChunksRequest], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterable[WithBytes[store_pb2.PutChunksRequest]],
+        context: grpc.ServicerContext,
     ) -> store_pb2.PutChunksResponse:
         assembler = ChunkAssembler(
             self._repo.chunks, self._config.max_frame_bytes, self._io, self._config.stream_window
         )
-        for frame in request_iterator:
-            self._metrics.received_bytes.inc(len(frame.data))
-            assembler.feed(
-                _digest(frame.digest, "digest"), frame.total_size, frame.offset, frame.data
-            )
+        for frame, data in request_iterator:
+            self._metrics.received_bytes.inc(len(data))
+            assembler.feed(_digest(frame.digest, "digest"), frame.total_size, frame.offset, data)
         stats = assembler.close()
         self._metrics.chunks_written.inc(stats.chunks_written)
         self._metrics.chunks_deduplicated.inc(stats.chunks_deduplicated)
@@ -104,9 +108,10 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
 
     def GetChunks(
         self, request: store_pb2.GetChunksRequest, context: grpc.ServicerContext
-    ) -> Iterator[store_pb2.GetChunksResponse]:
+    ) -> Iterator[bytes]:
+        """Frames serialized around their data (:mod:`clients.wire`)."""
         ranges = [(_digest(r.digest, "ranges.digest"), r.offset, r.length) for r in request.ranges]
-        frame = self._config.max_frame_bytes
+        frame = self._config.reply_frame_bytes
         fetched = prefetch(
             self._io, self._repo.chunks.get, [d for d, _, _ in ranges], self._config.stream_window
         )
@@ -122,12 +127,10 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
             while True:
                 stop = min(start + frame, end)
                 self._metrics.sent_bytes.inc(stop - start)
-                yield store_pb2.GetChunksResponse(
-                    digest=digest.to_proto(),
-                    offset=start,
-                    data=bytes(view[start:stop]),
-                    last=stop == end,
+                head = store_pb2.GetChunksResponse(
+                    digest=digest.to_proto(), offset=start, last=stop == end
                 )
+                yield serialize_with_bytes(head, "data", view[start:stop])
                 if stop == end:
                     break
                 start = stop
@@ -227,3 +230,37 @@ class DeltaStoreServicer(store_pb2_grpc.DeltaStoreServicer):
                 for d in report.damaged
             ],
         )
+
+
+def add_to_server(servicer: DeltaStoreServicer, server: grpc.Server) -> None:
+    """Register every method of the DeltaStore service: protobuf (de)serializers, except
+    that PutChunks frames arrive with their bytes apart (``WithBytes``) and GetChunks sends
+    its frames already serialized."""
+    service = store_pb2.DESCRIPTOR.services_by_name["DeltaStore"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request = getattr(store_pb2, method.input_type.name)
+        response = getattr(store_pb2, method.output_type.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    handlers["PutChunks"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PutChunks,
+        request_deserializer=bytes_field_parser(store_pb2.PutChunksRequest, "data"),
+        response_serializer=store_pb2.PutChunksResponse.SerializeToString,
+    )
+    handlers["GetChunks"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetChunks,
+        request_deserializer=store_pb2.GetChunksRequest.FromString,
+        response_serializer=None,
+    )
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -41,7 +41,7 @@ class ChunkAssembler:
         self._total = 0
         self._buffer = bytearray()
 
-    def feed(self, digest: Digest, total_size: int, offset: int, data: bytes) -> None:
+    def feed(self, digest: Digest, total_size: int, offset: int, data: bytes | memoryview) -> None:
         """Add one frame; a chunk it completes is verified and queued for writing."""
         if len(data) > self._max_frame_bytes:
             raise FrameTooLarge(

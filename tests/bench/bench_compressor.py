@@ -10,7 +10,9 @@ a raw sink as another, then times, best of ``--repeats``:
   stream into a server that only counts them (the floor any gRPC ingest pays);
 - ingest: ``DeltaVault.compress`` of a pair whose tensors are equal (every delta is zero):
   the checkpoint read, framing, server assembly and pairing, nothing encoded or stored;
-- lossless: the real pair stored exactly (encode, hash, upload to the store on disk).
+- lossless: the real pair stored exactly (encode, hash, upload to the store on disk);
+- reconstruct: that delta rebuilt into a checkpoint by the SDK (store reads, decode, add,
+  write), and by the Reconstruct RPC (base streamed in, fine-tuned tensors streamed back).
 
 Prints MiB/s (bytes streamed to the compressor, both sides), ingest/raw (target >= 0.8),
 and the server's peak RSS against the largest tensor (target <= 3 x largest + 300 MB).
@@ -36,7 +38,9 @@ from typing import Any
 import grpc
 import torch
 
-from clients.compressor_client import DEFAULT_FRAME_BYTES
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
+from clients.safetensors_io import Checkpoint
 from clients.sdk import DeltaVault
 from tests.support.checkpoints import write_checkpoint
 from tests.support.embedded import REPO_ROOT, EmbeddedServer
@@ -73,6 +77,14 @@ def raw_stream(target: str, total: int, frame_bytes: int) -> None:
     grpc.channel_ready_future(channel).result(timeout=30)
     assert int(take(frames, timeout=600)) == total // frame_bytes * frame_bytes
     channel.close()
+
+
+def rebuild_over_rpc(target: str, ref: str, base: Path) -> None:
+    """Stream the base to the compressor's Reconstruct and take the rebuilt tensors back."""
+    header = compressor_pb2.ReconstructHeader(ref=ref, add_base=True)
+    with CompressorClient(target) as client:
+        for _ in client.reconstruct(header, Checkpoint(base).iter_tensors()):
+            pass
 
 
 def write_pair(root: Path, tensors: int, mib: int) -> tuple[Path, Path, Path]:
@@ -151,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
             peak = server.peak_rss_bytes()
+            rebuilt = args.tensors * args.mib * MiB / MiB
+            sdk_rebuild = best_seconds(
+                args.repeats,
+                lambda i: vault.reconstruct("bench/exact-0", base, root / f"rebuilt-{i}"),
+            )
+            rpc_rebuild = best_seconds(
+                args.repeats, lambda _: rebuild_over_rpc(server.compressor, "bench/exact-0", base)
+            )
     rate = streamed / MiB
     print(f"streamed {rate:.0f} MiB ({args.tensors} x {args.mib} MiB fp16, base + fine-tune)")
     print(f"raw gRPC stream        {rate / raw:8.1f} MiB/s")
@@ -159,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "(target >= 0.8)"
     )
     print(f"lossless, stored       {rate / lossless:8.1f} MiB/s   ratio {raw / lossless:.2f}")
+    print(f"reconstruct, SDK       {rebuilt / sdk_rebuild:8.1f} MiB/s   (fine-tune bytes written)")
+    print(f"Reconstruct RPC        {rebuilt / rpc_rebuild:8.1f} MiB/s   (base in, fine-tune back)")
     largest = args.mib * MiB
     print(
         f"server peak RSS {peak / MiB:.0f} MiB; largest tensor {args.mib} MiB; "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clients.safetensors_io import INDEX_FILE, Checkpoint, CheckpointError
+from clients.safetensors_io import INDEX_FILE, SAFETENSORS_DTYPES, Checkpoint, CheckpointError
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -80,3 +80,58 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "broken.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no tensor 'nope'"):
         Checkpoint(tmp_path).get("nope")
+
+
+def test_tensors_map_the_file_and_writes_stay_private(tmp_path: Path) -> None:
+    data = tensors()
+    path = tmp_path / "model.safetensors"
+    save_file(data, path)
+    before = path.read_bytes()
+    checkpoint = Checkpoint(path)
+    weight = checkpoint.get("embed.weight")
+    assert torch.equal(weight, data["embed.weight"])
+    weight.add_(1.0)
+    assert path.read_bytes() == before
+    assert torch.equal(checkpoint.get("layer.1.weight"), data["layer.1.weight"])
+
+
+def write_by_hand(path: Path, data: dict[str, torch.Tensor]) -> None:
+    """A ``.safetensors`` file with the tensors in the given order, unpadded (safetensors'
+    own writer orders them so that none is misaligned; other writers need not)."""
+    header: dict[str, object] = {}
+    blobs, offset = [], 0
+    for name, tensor in data.items():
+        blob = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+
+
+def test_misaligned_and_empty_tensors_read_exactly(tmp_path: Path) -> None:
+    data = {
+        "a.mask": torch.tensor([True, False, True]),  # 3 bytes: the next one is misaligned
+        "b.weight": torch.randn(3, 5),
+        "c.empty": torch.zeros(0, 4, dtype=torch.float16),
+        "d.scalar": torch.tensor(7, dtype=torch.int64),
+    }
+    write_by_hand(tmp_path / "model.safetensors", data)
+    checkpoint = Checkpoint(tmp_path)
+    assert checkpoint.info("b.weight").byte_range[0] % 4 != 0
+    for name, tensor in data.items():
+        got = checkpoint.get(name)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        assert torch.equal(got, tensor), name
+
+
+def test_a_header_that_does_not_fit_its_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    write_by_hand(path, {"w": torch.randn(4, 4)})
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="do not fit"):
+        Checkpoint(path)
