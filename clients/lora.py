@@ -118,14 +118,24 @@ class LoraAdapter:
         transpose = factors.embedding or self._config.fan_in_fan_out
         return delta.T.contiguous() if transpose else delta
 
+    def bias_delta(self, module: str) -> Tensor | None:
+        """Δb = lora_B.bias · scale for ``module`` (float32), None without a LoRA bias."""
+        factors = self._module(module)
+        if factors.bias is None:
+            return None
+        return self.checkpoint.get(factors.bias).float() * self.scale(module)
+
     def iter_deltas(self) -> Iterator[tuple[str, Tensor]]:
         """``(f"{module}.weight", ΔW)`` per module, one at a time, and ``(f"{module}.bias",
         Δb)`` after it where the adapter trained a LoRA bias."""
-        for module, factors in self._factors.items():
+        for module in self._factors:
             yield f"{module}.weight", self.delta(module)
-            if factors.bias is not None:
-                bias = self.checkpoint.get(factors.bias).float()
-                yield f"{module}.bias", bias * self.scale(module)
+            bias = self.bias_delta(module)
+            if bias is not None:
+                yield f"{module}.bias", bias
+
+    def has_bias(self, module: str) -> bool:
+        return self._module(module).bias is not None
 
     def _module(self, module: str) -> _Factors:
         try:

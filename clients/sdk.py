@@ -37,7 +37,7 @@ from clients.calibration import GramSet
 from clients.channel import Closing
 from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
 from clients.encoding import WIRE_DTYPES, RoleTensor, decode_entry, rebuild_tensor
-from clients.lora import LoraAdapter, resolve_names
+from clients.lora import PEFT_PREFIX, LoraAdapter, resolve_names
 from clients.safetensors_io import (
     Checkpoint,
     CheckpointError,
@@ -222,7 +222,10 @@ class ModelPair:
     def sizes(self) -> dict[str, int]:
         """Tensor name → bytes the compressor receives for it, in stream order."""
         if isinstance(self.finetuned, LoraAdapter):
-            return {name: self.base.info(name).nbytes for name in self._lora_names().values()}
+            return {
+                name: self.base.info(name).nbytes * (2 if source.copied else 1)
+                for name, source in self._lora_sources().items()
+            }
         return {
             name: self.finetuned.info(name).nbytes * (2 if name in self.base else 1)
             for name in self.finetuned.names()
@@ -231,28 +234,57 @@ class ModelPair:
     def tensors(self, names: Iterable[str]) -> Iterator[RoleTensor]:
         """The stream for ``names``: each tensor's Gram first, then base and fine-tune (or
         its delta); one tensor read at a time."""
-        lora = self._lora_names() if isinstance(self.finetuned, LoraAdapter) else None
-        by_base = {v: k for k, v in (lora or {}).items()}
+        lora = self._lora_sources() if isinstance(self.finetuned, LoraAdapter) else None
         for name in names:
             if name in self.grams:
                 yield name, CALIBRATION, self.grams[name]
             if lora is not None:
-                assert isinstance(self.finetuned, LoraAdapter)
-                module = by_base[name].removesuffix(".weight")
-                # At the base's dtype: the merged weight is stored at it, and ΔW's own rounding
-                # there is far below the weight's.
-                dtype = torch_dtype(self.base.info(name).dtype)
-                yield name, DELTA, self.finetuned.delta(module).to(dtype)
+                yield from self._lora_tensors(name, lora[name])
                 continue
             assert isinstance(self.finetuned, Checkpoint)
             if name in self.base:
                 yield name, BASE, self.base.get(name)
             yield name, FINETUNED, self.finetuned.get(name)
 
-    def _lora_names(self) -> dict[str, str]:
-        assert isinstance(self.finetuned, LoraAdapter)
-        weights = [f"{m}.weight" for m in self.finetuned.modules()]
-        return resolve_names(weights, self.base.names())
+    def _lora_tensors(self, name: str, source: _LoraSource) -> Iterator[RoleTensor]:
+        """A LoRA-adapted tensor's delta at the base's dtype (the merged weight is stored at
+        it, and ΔW's own rounding there is far below the weight's), or for a
+        ``modules_to_save`` copy the base tensor and the trained one."""
+        adapter = self.finetuned
+        assert isinstance(adapter, LoraAdapter)
+        dtype = torch_dtype(self.base.info(name).dtype)
+        if source.copied:
+            yield name, BASE, self.base.get(name)
+            yield name, FINETUNED, adapter.checkpoint.get(source.key).to(dtype)
+        elif name.endswith(".bias"):
+            bias = adapter.bias_delta(source.key)
+            assert bias is not None
+            yield name, DELTA, bias.to(dtype)
+        else:
+            yield name, DELTA, adapter.delta(source.key).to(dtype)
+
+    def _lora_sources(self) -> dict[str, _LoraSource]:
+        """Base tensor name → where the adapter changes it: a module's ΔW, its LoRA bias Δb,
+        or a ``modules_to_save`` copy of the whole trained tensor."""
+        adapter = self.finetuned
+        assert isinstance(adapter, LoraAdapter)
+        wanted: dict[str, _LoraSource] = {}
+        for module in adapter.modules():
+            wanted[f"{module}.weight"] = _LoraSource(module, copied=False)
+            if adapter.has_bias(module):
+                wanted[f"{module}.bias"] = _LoraSource(module, copied=False)
+        for stored in adapter.other_tensors():
+            wanted[stored.removeprefix(PEFT_PREFIX)] = _LoraSource(stored, copied=True)
+        mapping = resolve_names(list(wanted), self.base.names())
+        return {mapping[name]: source for name, source in wanted.items()}
+
+
+@dataclass(frozen=True)
+class _LoraSource:
+    key: str
+    """The module (for ΔW and Δb) or the stored tensor name (for a copy)."""
+    copied: bool
+    """A ``modules_to_save`` tensor: the trained value itself, not a delta."""
 
 
 def split_by_size(sizes: Mapping[str, int], parts: int) -> list[list[str]]:

@@ -294,3 +294,41 @@ def test_a_lora_adapter_compresses_as_deltas_of_its_modules(
     assert got.dtype == torch.float16
     assert (got.float() - want.float()).abs().max() <= 2 * 2**-10 * want.float().abs().max()
     assert torch.equal(merged.get(EMBEDDING), base.get(EMBEDDING))  # not adapted: the base's
+
+
+def test_a_lora_adapter_brings_its_biases_and_modules_to_save(
+    vault: DeltaVault, pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base_dir = pair[0]
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 96, generator=generator), torch.randn(32, 2, generator=generator)
+    bias = torch.randn(32, generator=generator)
+    norm = torch.rand(32, generator=generator).half() + 0.5  # trained, saved whole
+    module = "base_model.model.model.layers.0.mlp.down_proj"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(
+        {
+            f"{module}.lora_A.weight": a,
+            f"{module}.lora_B.weight": b,
+            f"{module}.lora_B.bias": bias,
+            "base_model.model.model.layers.0.input_layernorm.weight": norm,
+        },
+        adapter / "adapter_model.safetensors",
+    )
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "lora_bias": True}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    report = vault.compress(base_dir, adapter, ref="team/lora-b", method="lossless", ratio=None)
+    down = "model.layers.0.mlp.down_proj"
+    norm_name = "model.layers.0.input_layernorm.weight"
+    assert sorted(t.name for t in report.tensors) == sorted(
+        [f"{down}.weight", f"{down}.bias", norm_name]
+    )
+    merged = Checkpoint(vault.reconstruct("team/lora-b", base_dir, tmp_path / "merged"))
+    base = Checkpoint(base_dir)
+    assert torch.equal(merged.get(norm_name), norm)  # the trained copy, bit for bit
+    want_bias = (base.get(f"{down}.bias").float() + bias).half()
+    assert torch.allclose(merged.get(f"{down}.bias").float(), want_bias.float(), atol=2e-3)
+    want = (base.get(f"{down}.weight").float() + b @ a).half()
+    assert torch.allclose(merged.get(f"{down}.weight").float(), want.float(), atol=4e-3)
