@@ -1,0 +1,66 @@
+"""``deltavault serve`` as a process: SIGTERM lets a Compress stream in flight finish and
+commit, then the process exits cleanly and its store keeps what was committed."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.compressor_client import CompressorClient
+from clients.encoding import RoleTensor
+from clients.sdk import DeltaVault
+from clients.store_client import StoreClient
+from store_svc.digest import Digest
+from tests.support.embedded import EmbeddedServer
+
+BASE = compressor_pb2.TENSOR_ROLE_BASE
+FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
+TENSORS = 4
+
+
+def held_back_stream(first_event: threading.Event) -> Iterator[RoleTensor]:
+    """Every tensor pair but the last, then (once the server has answered for the first and
+    been told to stop) the last: the stream is certainly in flight while the server drains."""
+    generator = torch.Generator().manual_seed(0)
+    for i in range(TENSORS):
+        if i == TENSORS - 1:
+            assert first_event.wait(timeout=60)
+        base = torch.randn(256, 512, generator=generator)
+        yield f"layers.{i}.weight", BASE, base
+        yield f"layers.{i}.weight", FINETUNED, base + 0.01
+
+
+def test_sigterm_lets_an_in_flight_compress_finish(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    server = EmbeddedServer(root).__enter__()
+    try:
+        process = server.process
+        assert process is not None
+        first_event = threading.Event()
+        header = compressor_pb2.CompressHeader(method="lossless", ref="ops/drain")
+        events, result = [], None
+        with CompressorClient(server.compressor) as client:
+            for response in client.compress(header, held_back_stream(first_event)):
+                if response.HasField("tensor") and not first_event.is_set():
+                    process.send_signal(signal.SIGTERM)
+                    time.sleep(1.0)  # the server is draining now, the last tensor unsent
+                    first_event.set()
+                if response.HasField("tensor"):
+                    events.append(response.tensor.name)
+                else:
+                    result = response.result
+        assert len(events) == TENSORS and result is not None
+        assert process.wait(timeout=120) == 0
+    finally:
+        server.__exit__(None, None, None)
+
+    with EmbeddedServer(root) as again, StoreClient(again.store) as store:
+        assert store.resolve_ref("ops/drain") == Digest.from_proto(result.manifest)
+        with DeltaVault(again.store, again.compressor) as vault:
+            assert vault.verify("ops/drain")["damaged"] == []
