@@ -25,10 +25,11 @@ from clients.wire import bytes_field_parser, method_path
 
 T = TypeVar("T")
 
-DEFAULT_FRAME_BYTES = 256 * 1024
-"""Frame size of the streams: 256 KiB ingested 436 MiB/s against 130 MiB/s at 1 MiB, whose
-messages the server's 1 MiB mmap threshold maps one by one
-(``python -m tests.bench.bench_compressor --frame-kib K``, 2026-12-01)."""
+DEFAULT_FRAME_BYTES = 512 * 1024
+"""Frame size of the streams: the largest power of two whose messages stay below the
+server's 1 MiB mmap threshold (see ``clients.wire``). Ingest ran at 961 MiB/s with 512 KiB
+frames, 746 at 1000 KiB and 473 at 256 KiB in one set of runs (``python -m
+tests.bench.bench_compressor --frame-kib K``, 2026-12-01; runs vary widely)."""
 DEFAULT_STREAM_TIMEOUT = 24 * 3600.0
 """Deadline of one stream: compressing a large model on CPU takes hours."""
 

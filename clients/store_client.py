@@ -31,7 +31,9 @@ from store_svc.digest import Algorithm, Digest
 T = TypeVar("T")
 
 DEFAULT_CHUNK_BYTES = 4 * MiB
-DEFAULT_FRAME_BYTES = 1 * MiB
+DEFAULT_FRAME_BYTES = 512 * 1024
+"""PutChunks frame size: below the 1 MiB mmap threshold of an embedded store's process,
+as the compressor's frames (``clients.compressor_client.DEFAULT_FRAME_BYTES``)."""
 _MISSING_BATCH = 1000
 _METHOD_PUT_CHUNKS = method_path(store_pb2, "DeltaStore", "PutChunks")
 _METHOD_GET_CHUNKS = method_path(store_pb2, "DeltaStore", "GetChunks")

@@ -4,14 +4,16 @@ that field.
 Streams carry tensors and chunks as frames. upb builds each serialized message, and each
 ``bytes`` value it parses, in a buffer as big as the frame, and reading the field copies
 it again; above glibc's mmap threshold every such buffer is a fresh mapping, faulted in and
-unmapped per frame. The compressor pins that threshold at 1 MiB, so there a 1 MiB frame
-cost 3366 us to serialize and 1635 us to receive (parse, read, copy into its tensor), a
-4 MiB one 17034 and 9283 us. Here the small fields go through protobuf and the bytes
-field is appended by hand (protobuf parsers accept fields in any order; the result parses
-to the same message), and received, it is handed out as a view of the message: 720 and
-53 us at 1 MiB, 3709 and 195 us at 4 MiB; at 256 KiB, 25 against 46 us to serialize and
-the same 31 us to receive (``python -m tests.bench.bench_wire --server-malloc``,
-2026-12-01; without the flag, a fresh process's dynamic threshold gives other figures).
+unmapped per frame. The compressor pins that threshold at 1 MiB, and there protobuf took
+(``python -m tests.bench.bench_wire --server-malloc``, 2026-12-01; microseconds per frame,
+serialize / receive, where receiving is parse, read the field, copy it into its tensor):
+51 / 36 at 256 KiB, 956 / 63 at 512 KiB, 3375-4580 / 1076-1639 at 1 MiB, 15703-19109 /
+7470-10790 at 4 MiB. Here the small fields go through protobuf and the bytes field is
+appended by hand (protobuf parsers accept fields in any order; the result parses to the
+same message), and received, it is handed out as a view of the message: 18 / 25 at
+256 KiB, 32 / 41 at 512 KiB, 750-924 / 59-72 at 1 MiB, 2867-4136 / 239-276 at 4 MiB. So
+the streams' frames default to 512 KiB, the largest power of two whose messages stay on
+the heap. Without the flag, a fresh process's dynamic threshold gives other figures.
 """
 
 from __future__ import annotations

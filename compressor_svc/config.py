@@ -60,11 +60,11 @@ class CompressorConfig:
 
     @property
     def reply_frame_bytes(self) -> int:
-        """Data bytes in each frame the server sends (Reconstruct): at most 256 KiB, where a
+        """Data bytes in each frame the server sends (Reconstruct): at most 512 KiB, where a
         serialized message stays below the 1 MiB mmap threshold the server pins and costs
-        ~25 us instead of ~3.7 ms at 4 MiB (``python -m tests.bench.bench_wire
-        --server-malloc``)."""
-        return min(self.max_frame_bytes, 256 * 1024)
+        ~32 us instead of ~0.9 ms at 1 MiB and ~4 ms at 4 MiB (``python -m
+        tests.bench.bench_wire --server-malloc``)."""
+        return min(self.max_frame_bytes, 512 * 1024)
 
     @property
     def threads(self) -> int:

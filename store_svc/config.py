@@ -75,10 +75,10 @@ class StoreConfig:
 
     @property
     def reply_frame_bytes(self) -> int:
-        """Data bytes in each GetChunks frame: at most 256 KiB, which keeps a serialized
+        """Data bytes in each GetChunks frame: at most 512 KiB, which keeps a serialized
         frame on malloc's heap where the compressor pins the mmap threshold at 1 MiB (the
         embedded store shares its process); see ``clients.wire``."""
-        return min(self.max_frame_bytes, 256 * 1024)
+        return min(self.max_frame_bytes, 512 * 1024)
 
     @property
     def max_message_bytes(self) -> int:

@@ -28,7 +28,7 @@ from clients.wire import parse_with_bytes, serialize_with_bytes
 from compressor_svc.server import return_freed_tensors_to_the_os
 
 KIB = 1024
-SIZES_KIB = (64, 128, 256, 1024, 4096)
+SIZES_KIB = (64, 128, 256, 512, 1024, 4096)
 
 
 def microseconds(repeats: int, run: Callable[[], object]) -> float:
