@@ -10,9 +10,9 @@ threads and memory alone.
   results are bit-identical.
 - ``THP_MEM_ALLOC_ENABLE=1``: torch backs CPU tensors of 2 MiB and more with transparent
   huge pages (where the kernel allows them, e.g. ``madvise`` mode). Every tensor a stream
-  assembles is fresh memory, and first-touching it 4 KiB at a time was the largest cost of
-  ingest: filling a new 64 MiB buffer took ~60 ms, ~18 ms with huge pages (measured ad hoc
-  on the 2-core dev machine).
+  assembles is fresh memory: filling a new 64 MiB buffer took ~60 ms when first touched
+  4 KiB at a time, ~18 ms with huge pages (ad hoc, on the 2-core dev machine; end to end
+  the compressor benchmark's run-to-run noise is larger than the difference).
 """
 
 import os
