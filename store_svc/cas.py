@@ -27,6 +27,11 @@ _HEADER_SIZE = len(_MAGIC) + 2
 _MIN_ZSTD_SAVING = 0.03
 # `auto` first compresses this much of a chunk and skips zstd if the sample does not shrink.
 _ZSTD_PROBE_BYTES = 256 * 1024
+# Level 1 stores deltas as small as level 3 at twice the speed (a synthetic fp16 weight
+# delta: 0.398 vs 0.399 of its size, 215 vs 98 MiB/s; the MiniLM embedding delta: 0.134
+# both, 2037 vs 1036 MiB/s; ``python -m tests.bench.bench_codec``, 2026-12-01). zstd was
+# the largest cost of a lossless compress through ``deltavault serve`` (py-spy, ad hoc).
+DEFAULT_ZSTD_LEVEL = 1
 _EXISTS_PARALLELISM = 16
 
 
@@ -75,7 +80,7 @@ class ChunkStore:
         *,
         policy: CompressionPolicy = CompressionPolicy.AUTO,
         max_chunk_bytes: int,
-        zstd_level: int = 3,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
     ) -> None:
         self._backend = backend
         # Existence probes are latency-bound (a HEAD each on S3): run them side by side.

@@ -59,28 +59,34 @@ def encode_exact(base: Tensor, finetuned: Tensor, *, overwrite: bool = False) ->
     more than a float32 delta, the delta is stored at float32 instead. A delta whose rows
     are mostly all-zero is stored as its changed rows and their Rice-coded indices.
 
-    Two passes, block by block: the misses at the chosen width, then the delta itself. With
-    ``overwrite`` the caller gives ``finetuned`` up and a delta at its dtype is written over
-    it, so encoding needs no memory beyond its inputs.
+    Block by block, in one pass at a 16-bit width (the delta and its misses together), in
+    two at float32 (the misses, then the delta). With ``overwrite`` the caller gives
+    ``finetuned`` up and a 16-bit delta is written over it, so encoding needs no memory
+    beyond its inputs (should it then fall back to float32, the fine-tune is first rebuilt
+    in place from that delta and its fix-ups, exactly).
     """
     flat_base, flat_tuned = base.reshape(-1), finetuned.reshape(-1)
-    width = finetuned.dtype if finetuned.element_size() == 2 else torch.float32
-    fixes = _fix_parts(_misses(flat_base, flat_tuned, width), flat_tuned)
-    widening_bits = flat_tuned.numel() * (32 - 8 * width.itemsize)
-    if sum(p.nbits for p in fixes) > widening_bits:
-        width = torch.float32
-        fixes = _fix_parts(_misses(flat_base, flat_tuned, width), flat_tuned)
-    in_place = overwrite and width == finetuned.dtype and finetuned.is_contiguous()
-    stored = _delta_at(flat_base, flat_tuned, width, flat_tuned if in_place else None)
+    if finetuned.element_size() == 2:
+        in_place = overwrite and finetuned.is_contiguous()
+        out = flat_tuned if in_place else torch.empty_like(flat_tuned)
+        wrong, values = _delta_with_misses(flat_base, flat_tuned, out)
+        fixes = _fix_parts(wrong, values, flat_tuned.numel())
+        if sum(p.nbits for p in fixes) <= flat_tuned.numel() * 16:  # bits float32 would add
+            return _encoding(_delta_parts(out.view(finetuned.shape)) + fixes, finetuned)
+        if in_place:
+            _rebuild_in_place(flat_base, out, wrong, values)
+    wrong = _misses(flat_base, flat_tuned, torch.float32)
+    fixes = _fix_parts(wrong, flat_tuned[wrong], flat_tuned.numel())
+    stored = _delta_at(flat_base, flat_tuned, torch.float32)
     return _encoding(_delta_parts(stored.view(finetuned.shape)) + fixes, finetuned)
 
 
-def _fix_parts(wrong: Tensor, flat_tuned: Tensor) -> list[Part]:
-    """The fix-ups: positions ``wrong`` of ``flat_tuned`` and its values there."""
+def _fix_parts(wrong: Tensor, values: Tensor, numel: int) -> list[Part]:
+    """The fix-ups: flat positions ``wrong`` (of ``numel``) and the fine-tuned ``values``
+    there."""
     if not wrong.numel():
         return []
-    coded = encode_positions(wrong, flat_tuned.numel())
-    values = flat_tuned[wrong]
+    coded = encode_positions(wrong, numel)
     value_part = Part.from_floats("fix.values", values, PartDtype.for_torch(values.dtype))
     return [*position_parts("fix.positions", coded), value_part]
 
@@ -103,24 +109,53 @@ def _blocks(numel: int) -> range:
     return range(0, numel, BLOCK_ELEMENTS)
 
 
+def _delta(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> Tensor:
+    """One block's delta, computed in float32 and rounded once to ``dtype``."""
+    return (finetuned.float() - base.float()).to(dtype)
+
+
 def _misses(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> Tensor:
     """Flat positions where the delta at ``dtype`` does not rebuild ``finetuned``."""
     wrong = [torch.zeros(0, dtype=torch.int64)]
     for start in _blocks(finetuned.numel()):
         tuned = finetuned[start : start + BLOCK_ELEMENTS]
         below = base[start : start + BLOCK_ELEMENTS]
-        rebuilt = apply_delta(below, (tuned.float() - below.float()).to(dtype), tuned.dtype)
+        rebuilt = apply_delta(below, _delta(below, tuned, dtype), tuned.dtype)
         wrong.append(_mismatches(rebuilt, tuned).nonzero().view(-1) + start)
     return torch.cat(wrong)
 
 
-def _delta_at(base: Tensor, finetuned: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
-    """The flat delta at ``dtype``, written into ``out`` (which may be ``finetuned``
-    itself: each block is read before it is written) or a new tensor."""
-    stored = torch.empty(finetuned.numel(), dtype=dtype) if out is None else out
+def _delta_with_misses(base: Tensor, finetuned: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """Write the flat delta at ``out``'s dtype into ``out`` (which may be ``finetuned``
+    itself: each block is read before it is written); (the flat positions where it does not
+    rebuild ``finetuned``, the fine-tuned values there)."""
+    wrong, values = [torch.zeros(0, dtype=torch.int64)], [finetuned[:0].clone()]
     for start in _blocks(finetuned.numel()):
         stop = start + BLOCK_ELEMENTS
-        stored[start:stop] = (finetuned[start:stop].float() - base[start:stop].float()).to(dtype)
+        tuned, below = finetuned[start:stop], base[start:stop]
+        delta = _delta(below, tuned, out.dtype)
+        missed = _mismatches(apply_delta(below, delta, tuned.dtype), tuned).nonzero().view(-1)
+        wrong.append(missed + start)
+        values.append(tuned[missed])  # a copy, taken before ``out`` may overwrite ``tuned``
+        out[start:stop] = delta
+    return torch.cat(wrong), torch.cat(values)
+
+
+def _rebuild_in_place(base: Tensor, delta: Tensor, wrong: Tensor, values: Tensor) -> None:
+    """Turn ``delta`` back into the fine-tune it came from: base + delta rounds to it
+    everywhere but at the fix-ups, whose values are set."""
+    for start in _blocks(delta.numel()):
+        stop = start + BLOCK_ELEMENTS
+        delta[start:stop] = apply_delta(base[start:stop], delta[start:stop], delta.dtype)
+    delta[wrong] = values
+
+
+def _delta_at(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> Tensor:
+    """The flat delta at ``dtype``, in a new tensor."""
+    stored = torch.empty(finetuned.numel(), dtype=dtype)
+    for start in _blocks(finetuned.numel()):
+        stop = start + BLOCK_ELEMENTS
+        stored[start:stop] = _delta(base[start:stop], finetuned[start:stop], dtype)
     return stored
 
 

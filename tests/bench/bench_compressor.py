@@ -10,7 +10,8 @@ a raw sink as another, then times, best of ``--repeats``:
   stream into a server that only counts them (the floor any gRPC ingest pays);
 - ingest: ``DeltaVault.compress`` of a pair whose tensors are equal (every delta is zero):
   the checkpoint read, framing, server assembly and pairing, nothing encoded or stored;
-- lossless: the real pair stored exactly (encode, hash, upload to the store on disk);
+- lossless: the real pair stored exactly (encode, hash, upload to the store on disk; once,
+  then again, best of ``--repeats``, when the store already holds every chunk);
 - reconstruct: that delta rebuilt into a checkpoint by the SDK (store reads, decode, add,
   write), and by the Reconstruct RPC (base streamed in, fine-tuned tensors streamed back).
 
@@ -156,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                     base, same, ref=f"bench/zero-{i}", method="lossless", ratio=None
                 ),
             )
-            lossless = best_seconds(
-                args.repeats,
-                lambda i: vault.compress(
+
+            def exact(i: int) -> object:
+                return vault.compress(
                     base, tuned, ref=f"bench/exact-{i}", method="lossless", ratio=None
-                ),
-            )
+                )
+
+            lossless = best_seconds(1, exact)  # every chunk new to the store
+            again = best_seconds(args.repeats, lambda i: exact(i + 1))  # every chunk present
             peak = server.peak_rss_bytes()
             rebuilt = args.tensors * args.mib * MiB / MiB
             sdk_rebuild = best_seconds(
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "(target >= 0.8)"
     )
     print(f"lossless, stored       {rate / lossless:8.1f} MiB/s   ratio {raw / lossless:.2f}")
+    print(f"lossless, again        {rate / again:8.1f} MiB/s   (every chunk already stored)")
     print(f"reconstruct, SDK       {rebuilt / sdk_rebuild:8.1f} MiB/s   (fine-tune bytes written)")
     print(f"Reconstruct RPC        {rebuilt / rpc_rebuild:8.1f} MiB/s   (base in, fine-tune back)")
     largest = args.mib * MiB

@@ -87,3 +87,22 @@ def test_without_overwrite_the_inputs_are_left_alone() -> None:
     expected = tuned.clone()
     encode_exact(base, tuned)
     assert same_bits(tuned, expected)
+
+
+def test_overwrite_falling_back_to_float32_restores_the_fine_tune_first() -> None:
+    base = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)).half()
+    tuned = fine_tune(torch.zeros_like(base), 1e-3)  # as above: float32 pays
+    expected = tuned.clone()
+    encoded = encode_exact(base, tuned, overwrite=True)
+    assert {p.name: p for p in encoded.parts}["delta"].dtype is PartDtype.FLOAT32
+    assert same_bits(tuned, expected)  # written over, then rebuilt bit for bit
+    assert same_bits(rebuild(base, encoded, torch.float16), expected)
+
+
+def test_blocks_of_a_large_tensor_encode_like_one() -> None:
+    elements = (1 << 20) + 4099  # more than one block, the last a partial one
+    base = torch.randn(elements, generator=torch.Generator().manual_seed(0)).half()
+    tuned = fine_tune(base, 1e-3)
+    expected = tuned.clone()
+    encoded = encode_exact(base, tuned, overwrite=True)
+    assert same_bits(rebuild(base, encoded, torch.float16), expected)
