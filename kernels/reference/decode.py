@@ -161,9 +161,13 @@ def apply_delta(base: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
         raise ValueError(f"base {tuple(base.shape)} and delta {tuple(delta.shape)} differ")
     out = torch.empty(base.shape, dtype=dtype)
     flat_out, flat_base, flat_delta = out.view(-1), base.reshape(-1), delta.reshape(-1)
+    # A float32 delta promotes a 16- or 32-bit base exactly inside the add, without a float32
+    # copy of it; a float64 base is rounded to float32 first, as the rule says.
+    promoted = base.element_size() <= 4
     for start in range(0, base.numel(), _APPLY_BLOCK):
         stop = start + _APPLY_BLOCK
-        flat_out[start:stop] = flat_base[start:stop].float() + flat_delta[start:stop].float()
+        below = flat_base[start:stop] if promoted else flat_base[start:stop].float()
+        flat_out[start:stop] = torch.add(flat_delta[start:stop].float(), below)
     return out
 
 
