@@ -145,6 +145,42 @@ class StoreClient(Closing):
     ) -> Iterator[tuple[Digest, bytes]]:
         """Yield ``(digest, bytes)`` per requested ``(digest, offset, length)`` range,
         in order; length 0 reads to the end. Interrupted streams resume where they were."""
+        for digest, pieces in self._chunk_pieces(ranges):
+            yield digest, b"".join(pieces)
+
+    def read(self, refs: Iterable[common_pb2.ChunkRef]) -> bytes:
+        """Concatenated bytes of whole chunks, each verified by the server and here (joined
+        once, from the frames as they arrived)."""
+        return b"".join(piece for pieces in self._verified(refs) for piece in pieces)
+
+    def read_into(self, refs: Iterable[common_pb2.ChunkRef], out: memoryview) -> None:
+        """:meth:`read` into ``out``, a writable byte buffer of exactly the chunks' size."""
+        refs = list(refs)
+        if len(out) != sum(r.size for r in refs):
+            raise ValueError(f"{len(out)}-byte buffer for {sum(r.size for r in refs)} bytes")
+        offset = 0
+        for pieces in self._verified(refs):
+            for piece in pieces:
+                out[offset : offset + len(piece)] = piece
+                offset += len(piece)
+
+    def _verified(self, refs: Iterable[common_pb2.ChunkRef]) -> Iterator[list[memoryview]]:
+        """Each chunk's frames in order, the chunk checked against its digest and size."""
+        refs = list(refs)
+        for want, (digest, pieces) in zip(
+            refs,
+            self._chunk_pieces([(Digest.from_proto(r.digest), 0, 0) for r in refs]),
+            strict=True,
+        ):
+            size = sum(len(piece) for piece in pieces)
+            if Digest.of_pieces(pieces, digest.algorithm) != digest or size != want.size:
+                raise DataLossError(f"chunk {digest} arrived damaged", grpc.StatusCode.DATA_LOSS)
+            yield pieces
+
+    def _chunk_pieces(
+        self, ranges: Sequence[tuple[Digest, int, int]]
+    ) -> Iterator[tuple[Digest, list[memoryview]]]:
+        """:meth:`get_chunks` as each range's frames, views of the received messages."""
         done = 0
         for delay in [*self._retry.delays(), None]:
             try:
@@ -156,32 +192,6 @@ class StoreClient(Closing):
                 if delay is None or not is_unavailable(error):
                     raise from_rpc_error(error) from None
             time.sleep(delay)
-
-    def read(self, refs: Iterable[common_pb2.ChunkRef]) -> bytes:
-        """Concatenated bytes of whole chunks, each verified by the server and here."""
-        return b"".join(self._verified(refs))  # one chunk: the same bytes object, no copy
-
-    def read_into(self, refs: Iterable[common_pb2.ChunkRef], out: memoryview) -> None:
-        """:meth:`read` into ``out``, a writable byte buffer of exactly the chunks' size."""
-        refs = list(refs)
-        if len(out) != sum(r.size for r in refs):
-            raise ValueError(f"{len(out)}-byte buffer for {sum(r.size for r in refs)} bytes")
-        offset = 0
-        for data in self._verified(refs):
-            out[offset : offset + len(data)] = data
-            offset += len(data)
-
-    def _verified(self, refs: Iterable[common_pb2.ChunkRef]) -> Iterator[bytes]:
-        """Each chunk's bytes in order, checked against its digest and size."""
-        refs = list(refs)
-        for want, (digest, data) in zip(
-            refs,
-            self.get_chunks([(Digest.from_proto(r.digest), 0, 0) for r in refs]),
-            strict=True,
-        ):
-            if Digest.of(data, digest.algorithm) != digest or len(data) != want.size:
-                raise DataLossError(f"chunk {digest} arrived damaged", grpc.StatusCode.DATA_LOSS)
-            yield data
 
     # --- manifests and refs -----------------------------------------------------------
 
@@ -300,7 +310,7 @@ class StoreClient(Closing):
 
     def _stream_ranges(
         self, ranges: Sequence[tuple[Digest, int, int]]
-    ) -> Iterator[tuple[Digest, bytes]]:
+    ) -> Iterator[tuple[Digest, list[memoryview]]]:
         request = store_pb2.GetChunksRequest(
             ranges=[
                 store_pb2.ChunkRange(digest=d.to_proto(), offset=o, length=n) for d, o, n in ranges
@@ -310,5 +320,5 @@ class StoreClient(Closing):
         for frame, data in self._get_chunks(request, timeout=self._timeout):
             pieces.append(data)
             if frame.last:
-                yield Digest.from_proto(frame.digest), b"".join(pieces)
+                yield Digest.from_proto(frame.digest), pieces
                 pieces = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -90,8 +91,16 @@ class Digest:
 
     @classmethod
     def of(cls, data: bytes | memoryview, algorithm: Algorithm = Algorithm.BLAKE3) -> Digest:
+        return cls.of_pieces([data], algorithm)
+
+    @classmethod
+    def of_pieces(
+        cls, pieces: Iterable[bytes | memoryview], algorithm: Algorithm = Algorithm.BLAKE3
+    ) -> Digest:
+        """The digest of the pieces' concatenation, without concatenating them."""
         hasher = algorithm.new()
-        hasher.update(data)
+        for piece in pieces:
+            hasher.update(piece)
         return cls(algorithm, hasher.digest())
 
     @classmethod

@@ -443,3 +443,24 @@ def test_client_retries_until_the_store_comes_up(local_backend: Backend, tmp_pat
         client.close()
         for running in late:
             stop_store(running)
+
+
+def test_the_client_rehashes_what_arrives(
+    store: RunningStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames damaged between the store's check and the caller are caught here too."""
+    payload = os.urandom(3 * SMALL_CHUNK + 17)
+    refs, _ = store.client.upload(payload)
+    assert store.client.read(refs) == payload
+    assert Digest.of_pieces([payload[:5], memoryview(payload)[5:]]) == Digest.of(payload)
+    real = store.client._stream_ranges
+
+    def flipped(ranges: list[tuple[Digest, int, int]]) -> Iterator[tuple[Digest, list[memoryview]]]:
+        for digest, pieces in real(ranges):
+            damaged = bytearray(pieces[0])
+            damaged[0] ^= 1
+            yield digest, [memoryview(damaged), *pieces[1:]]
+
+    monkeypatch.setattr(store.client, "_stream_ranges", flipped)
+    with pytest.raises(DataLossError, match="arrived damaged"):
+        store.client.read(refs)
