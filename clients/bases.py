@@ -14,7 +14,6 @@ two bases sharing tensors, stores each tensor once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +114,6 @@ class StoredBase:
         for entry in self._entries.values():
             layout.setdefault(entry.params[SHARD_PARAM], []).append(entry.name)
         return layout
-
-    def iter_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        for name in self._entries:
-            yield name, self.get(name)
 
     def write_side_files(self, out: Path) -> None:
         write_files(self._store, self._manifest.files, out)

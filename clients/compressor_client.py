@@ -21,15 +21,14 @@ from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.channel import Closing, open_channel
 from clients.encoding import FrameAssembler, FrameError, RoleTensor, serialized_frames
 from clients.errors import DataLossError, from_rpc_error
-from clients.wire import bytes_field_parser, method_path
+from clients.wire import HEAP_FRAME_BYTES, bytes_field_parser, method_path
 
 T = TypeVar("T")
 
-DEFAULT_FRAME_BYTES = 512 * 1024
-"""Frame size of the streams: the largest power of two whose messages stay below the
-server's 1 MiB mmap threshold (see ``clients.wire``). Ingest ran at 961 MiB/s with 512 KiB
-frames, 746 at 1000 KiB and 473 at 256 KiB in one set of runs (``python -m
-tests.bench.bench_compressor --frame-kib K``, 2026-12-01; runs vary widely)."""
+DEFAULT_FRAME_BYTES = HEAP_FRAME_BYTES
+"""Frame size of the streams (see ``clients.wire``). Ingest ran at 961 MiB/s with 512 KiB
+frames and 746 at 1000 KiB in one pair of runs (``python -m tests.bench.bench_compressor
+--frame-kib K``, 2026-12-01; runs vary widely)."""
 DEFAULT_STREAM_TIMEOUT = 24 * 3600.0
 """Deadline of one stream: compressing a large model on CPU takes hours."""
 

@@ -113,9 +113,14 @@ class Checkpoint:
             if p.is_file() and p.name not in weights and p.suffix not in OTHER_WEIGHT_SUFFIXES
         )
 
+    def kept_files(self) -> list[Path]:
+        """The side files and the shard index: what a copy of the checkpoint keeps besides
+        its weights."""
+        return [*self.side_files(), *filter(None, [self.index_path])]
+
     def write_side_files(self, out: Path) -> None:
-        """Copy the side files and the shard index into ``out``."""
-        for path in [*self.side_files(), *filter(None, [self.index_path])]:
+        """Copy :meth:`kept_files` into ``out``."""
+        for path in self.kept_files():
             shutil.copy2(path, out / path.name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import grpc
 import torch
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,6 +38,7 @@ from clients.calibration import GramSet
 from clients.channel import Closing
 from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
 from clients.encoding import WIRE_DTYPES, RoleTensor, decode_entry, rebuild_tensor
+from clients.errors import ConflictError, NotFoundError
 from clients.lora import PEFT_PREFIX, LoraAdapter, resolve_names
 from clients.safetensors_io import (
     Checkpoint,
@@ -223,7 +225,7 @@ class ModelPair:
         """Tensor name → bytes the compressor receives for it, in stream order."""
         if isinstance(self.finetuned, LoraAdapter):
             return {
-                name: self.base.info(name).nbytes * (2 if source.copied else 1)
+                name: self.base.info(name).nbytes * (2 if source.kind == "copy" else 1)
                 for name, source in self._lora_sources().items()
             }
         return {
@@ -253,10 +255,10 @@ class ModelPair:
         adapter = self.finetuned
         assert isinstance(adapter, LoraAdapter)
         dtype = torch_dtype(self.base.info(name).dtype)
-        if source.copied:
+        if source.kind == "copy":
             yield name, BASE, self.base.get(name)
             yield name, FINETUNED, adapter.checkpoint.get(source.key).to(dtype)
-        elif name.endswith(".bias"):
+        elif source.kind == "bias":
             bias = adapter.bias_delta(source.key)
             assert bias is not None
             yield name, DELTA, bias.to(dtype)
@@ -270,11 +272,11 @@ class ModelPair:
         assert isinstance(adapter, LoraAdapter)
         wanted: dict[str, _LoraSource] = {}
         for module in adapter.modules():
-            wanted[f"{module}.weight"] = _LoraSource(module, copied=False)
+            wanted[f"{module}.weight"] = _LoraSource(module, "weight")
             if adapter.has_bias(module):
-                wanted[f"{module}.bias"] = _LoraSource(module, copied=False)
+                wanted[f"{module}.bias"] = _LoraSource(module, "bias")
         for stored in adapter.other_tensors():
-            wanted[stored.removeprefix(PEFT_PREFIX)] = _LoraSource(stored, copied=True)
+            wanted[stored.removeprefix(PEFT_PREFIX)] = _LoraSource(stored, "copy")
         mapping = resolve_names(list(wanted), self.base.names())
         return {mapping[name]: source for name, source in wanted.items()}
 
@@ -283,8 +285,9 @@ class ModelPair:
 class _LoraSource:
     key: str
     """The module (for ΔW and Δb) or the stored tensor name (for a copy)."""
-    copied: bool
-    """A ``modules_to_save`` tensor: the trained value itself, not a delta."""
+    kind: Literal["weight", "bias", "copy"]
+    """A module's ΔW, its LoRA bias Δb, or a ``modules_to_save`` tensor: the trained value
+    itself, not a delta."""
 
 
 def split_by_size(sizes: Mapping[str, int], parts: int) -> list[list[str]]:
@@ -552,7 +555,7 @@ class DeltaVault(Closing):
         base_ref: str | None,
     ) -> Checkpoint | StoredBase:
         if (base is None) == (base_ref is None):
-            raise ValueError("give a base checkpoint or a registered base's ref, not both")
+            raise ValueError("give exactly one of a base checkpoint and a registered base's ref")
         if base_ref is None:
             assert base is not None
             return Checkpoint(base)
@@ -574,6 +577,8 @@ class DeltaVault(Closing):
         ``base_ref=ref``. Only chunks the store lacks are sent."""
         started = time.perf_counter()
         checkpoint = Checkpoint(base)
+        if not force:
+            self._refuse_existing(ref)
         created = Timestamp()
         created.GetCurrentTime()
         manifest = common_pb2.Manifest(
@@ -592,8 +597,7 @@ class DeltaVault(Closing):
                 stored, new = stored + uploaded.bytes_stored, new + uploaded.new_chunk_bytes
                 if progress is not None:
                     progress(name)
-        files = [*checkpoint.side_files(), *filter(None, [checkpoint.index_path])]
-        manifest.files.extend(upload_files(self.store, files))
+        manifest.files.extend(upload_files(self.store, checkpoint.kept_files()))
         info = self.store.commit_manifest(manifest, ref=ref, force=force)
         seconds = time.perf_counter() - started
         return BaseReport(
@@ -605,6 +609,19 @@ class DeltaVault(Closing):
             manifest.base_fingerprint,
             seconds,
         )
+
+    def _refuse_existing(self, ref: str) -> None:
+        """ConflictError before any upload if ``ref`` exists (the commit's compare-and-swap
+        checks again, atomically)."""
+        try:
+            current = self.store.resolve_ref(ref)
+        except NotFoundError:
+            return
+        error = ConflictError(
+            f"ref {ref!r} exists (at {current}); pass force to move it", grpc.StatusCode.ABORTED
+        )
+        error.expected, error.actual = None, current
+        raise error
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ref: str, *, prefix: str = "") -> nn.Module:

@@ -15,6 +15,7 @@ from pathlib import Path
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients.store_client import StoreClient
 from store_svc.digest import Algorithm
+from store_svc.manifests import is_plain_file_name
 
 
 def upload_files(
@@ -32,7 +33,6 @@ def upload_files(
 def write_files(store: StoreClient, files: Iterable[common_pb2.FileEntry], out: Path) -> None:
     """Write each stored file into the folder ``out`` (replacing a file of that name)."""
     for file in files:
-        name = Path(file.name).name
-        if name != file.name or name in ("", ".", ".."):
+        if not is_plain_file_name(file.name):  # the store refuses these; never trust it
             raise ValueError(f"stored file name {file.name!r} is not a plain file name")
-        (out / name).write_bytes(store.read(file.chunks))
+        (out / file.name).write_bytes(store.read(file.chunks))

@@ -25,15 +25,19 @@ from clients.errors import (
     from_rpc_error,
     is_unavailable,
 )
-from clients.wire import bytes_field_parser, method_path, serialize_with_bytes
+from clients.wire import (
+    HEAP_FRAME_BYTES,
+    bytes_field_parser,
+    method_path,
+    serialize_with_bytes,
+)
 from store_svc.digest import Algorithm, Digest
 
 T = TypeVar("T")
 
 DEFAULT_CHUNK_BYTES = 4 * MiB
-DEFAULT_FRAME_BYTES = 512 * 1024
-"""PutChunks frame size: below the 1 MiB mmap threshold of an embedded store's process,
-as the compressor's frames (``clients.compressor_client.DEFAULT_FRAME_BYTES``)."""
+DEFAULT_FRAME_BYTES = HEAP_FRAME_BYTES
+"""PutChunks frame size (see ``clients.wire``)."""
 _MISSING_BATCH = 1000
 _METHOD_PUT_CHUNKS = method_path(store_pb2, "DeltaStore", "PutChunks")
 _METHOD_GET_CHUNKS = method_path(store_pb2, "DeltaStore", "GetChunks")

@@ -12,8 +12,8 @@ serialize / receive, where receiving is parse, read the field, copy it into its 
 appended by hand (protobuf parsers accept fields in any order; the result parses to the
 same message), and received, it is handed out as a view of the message: 18 / 25 at
 256 KiB, 32 / 41 at 512 KiB, 750-924 / 59-72 at 1 MiB, 2867-4136 / 239-276 at 4 MiB. So
-the streams' frames default to 512 KiB, the largest power of two whose messages stay on
-the heap. Without the flag, a fresh process's dynamic threshold gives other figures.
+the streams' frames are :data:`HEAP_FRAME_BYTES`. Without the flag, a fresh process's
+dynamic threshold gives other figures.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from typing import Generic, NamedTuple, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 M = TypeVar("M", bound=Message)
+
+HEAP_FRAME_BYTES = 512 * 1024
+"""Data bytes per frame, sent and by default asked for: the largest power of two whose
+messages stay below the compressor's 1 MiB mmap threshold, on malloc's heap."""
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.wire import HEAP_FRAME_BYTES
+
 MiB = 1 << 20
 
 
@@ -60,11 +62,9 @@ class CompressorConfig:
 
     @property
     def reply_frame_bytes(self) -> int:
-        """Data bytes in each frame the server sends (Reconstruct): at most 512 KiB, where a
-        serialized message stays below the 1 MiB mmap threshold the server pins and costs
-        ~32 us instead of ~0.9 ms at 1 MiB and ~4 ms at 4 MiB (``python -m
-        tests.bench.bench_wire --server-malloc``)."""
-        return min(self.max_frame_bytes, 512 * 1024)
+        """Data bytes in each frame the server sends (Reconstruct): ``clients.wire``'s
+        heap-sized frame, where serializing costs ~32 us instead of ~4 ms at 4 MiB."""
+        return min(self.max_frame_bytes, HEAP_FRAME_BYTES)
 
     @property
     def threads(self) -> int:

@@ -12,6 +12,7 @@ read from the store tensor by tensor, and the client sends nothing after the hea
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 
@@ -65,10 +66,13 @@ def resolve_base(
 
 
 def _named_manifest(
-    store: StoreClient, ref: str, header: compressor_pb2.ReconstructHeader, digest_field: str
+    store: StoreClient,
+    ref: str,
+    header: compressor_pb2.ReconstructHeader,
+    digest_field: Literal["manifest", "base_manifest"],
 ) -> common_pb2.Manifest | None:
     """The manifest named by ``ref`` or by the header's ``digest_field``; None if neither."""
-    has_digest = header.HasField(digest_field)  # type: ignore[arg-type]
+    has_digest = header.HasField(digest_field)
     if ref and has_digest:
         raise InvalidInput(f"name a ref or a {digest_field} digest, not both")
     if ref:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import torch
@@ -26,6 +26,7 @@ from compressor_svc.reconstruct import (
     stream_rebuilt_from,
 )
 from compressor_svc.requests import CompressSpec, PlanSpec
+from store_svc.serving import add_service
 
 R = TypeVar("R", compressor_pb2.CompressRequest, compressor_pb2.PlanRequest)
 Frame = tuple[compressor_pb2.TensorFrame, memoryview]
@@ -169,27 +170,23 @@ class CompressorServicer:
 
 
 def add_to_server(servicer: CompressorServicer, server: grpc.Server) -> None:
-    """Register ``servicer`` with the frame-aware wire code of :mod:`clients.wire`: request
-    frames arrive with their bytes apart (``WithBytes``), Reconstruct sends its frames
-    already serialized."""
+    """Register the Compressor service: request frames arrive with their bytes apart
+    (``WithBytes``), Reconstruct sends its frames already serialized."""
     pb = compressor_pb2
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Compress": grpc.stream_stream_rpc_method_handler(
-            servicer.Compress,
-            request_deserializer=bytes_field_parser(pb.CompressRequest, "frame", "data"),
-            response_serializer=pb.CompressResponse.SerializeToString,
-        ),
-        "Plan": grpc.stream_stream_rpc_method_handler(
-            servicer.Plan,
-            request_deserializer=bytes_field_parser(pb.PlanRequest, "frame", "data"),
-            response_serializer=pb.PlanResponse.SerializeToString,
-        ),
-        "Reconstruct": grpc.stream_stream_rpc_method_handler(
-            servicer.Reconstruct,
-            request_deserializer=bytes_field_parser(pb.ReconstructRequest, "base", "data"),
-            response_serializer=None,
-        ),
-    }
-    service = pb.DESCRIPTOR.services_by_name["Compressor"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    add_service(
+        server,
+        servicer,
+        pb,
+        "Compressor",
+        {
+            "Compress": (
+                bytes_field_parser(pb.CompressRequest, "frame", "data"),
+                pb.CompressResponse.SerializeToString,
+            ),
+            "Plan": (
+                bytes_field_parser(pb.PlanRequest, "frame", "data"),
+                pb.PlanResponse.SerializeToString,
+            ),
+            "Reconstruct": (bytes_field_parser(pb.ReconstructRequest, "base", "data"), None),
+        },
+    )

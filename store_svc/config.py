@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.wire import HEAP_FRAME_BYTES
 from store_svc.cas import CompressionPolicy
 
 MiB = 1 << 20
@@ -75,10 +76,9 @@ class StoreConfig:
 
     @property
     def reply_frame_bytes(self) -> int:
-        """Data bytes in each GetChunks frame: at most 512 KiB, which keeps a serialized
-        frame on malloc's heap where the compressor pins the mmap threshold at 1 MiB (the
-        embedded store shares its process); see ``clients.wire``."""
-        return min(self.max_frame_bytes, 512 * 1024)
+        """Data bytes in each GetChunks frame: ``clients.wire``'s heap-sized frame (an
+        embedded store shares the compressor's process and its pinned mmap threshold)."""
+        return min(self.max_frame_bytes, HEAP_FRAME_BYTES)
 
     @property
     def max_message_bytes(self) -> int:

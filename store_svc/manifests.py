@@ -134,8 +134,14 @@ def validate(manifest: common_pb2.Manifest) -> Algorithm:
     return algorithm
 
 
+def is_plain_file_name(name: str) -> bool:
+    """Whether a side file's name is one file in one folder: ``[A-Za-z0-9._-]``, not ``.``
+    or ``..`` (so a manifest can never write outside the folder it is rebuilt into)."""
+    return bool(_FILE_NAME.fullmatch(name)) and name not in (".", "..")
+
+
 def _validate_file(file: common_pb2.FileEntry, algorithm: Algorithm) -> None:
-    if not _FILE_NAME.fullmatch(file.name) or file.name in (".", ".."):
+    if not is_plain_file_name(file.name):
         raise InvalidArgument(
             f"file name {file.name!r} must be a plain name of [A-Za-z0-9._-], no directories"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -19,6 +19,7 @@ from store_svc.identity import current_caller
 from store_svc.metrics import StoreMetrics
 from store_svc.refs import RefName
 from store_svc.repository import RefMove, Repository
+from store_svc.serving import add_service
 from store_svc.uploads import ChunkAssembler
 
 T = TypeVar("T")
@@ -233,34 +234,19 @@ class DeltaStoreServicer:
 
 
 def add_to_server(servicer: DeltaStoreServicer, server: grpc.Server) -> None:
-    """Register every method of the DeltaStore service: protobuf (de)serializers, except
-    that PutChunks frames arrive with their bytes apart (``WithBytes``) and GetChunks sends
-    its frames already serialized."""
-    service = store_pb2.DESCRIPTOR.services_by_name["DeltaStore"]
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in service.methods:
-        request = getattr(store_pb2, method.input_type.name)
-        response = getattr(store_pb2, method.output_type.name)
-        kind = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
-    handlers["PutChunks"] = grpc.stream_unary_rpc_method_handler(
-        servicer.PutChunks,
-        request_deserializer=bytes_field_parser(store_pb2.PutChunksRequest, "data"),
-        response_serializer=store_pb2.PutChunksResponse.SerializeToString,
+    """Register the DeltaStore service: PutChunks frames arrive with their bytes apart
+    (``WithBytes``), GetChunks sends its frames already serialized."""
+    pb = store_pb2
+    add_service(
+        server,
+        servicer,
+        pb,
+        "DeltaStore",
+        {
+            "PutChunks": (
+                bytes_field_parser(pb.PutChunksRequest, "data"),
+                pb.PutChunksResponse.SerializeToString,
+            ),
+            "GetChunks": (pb.GetChunksRequest.FromString, None),
+        },
     )
-    handlers["GetChunks"] = grpc.unary_stream_rpc_method_handler(
-        servicer.GetChunks,
-        request_deserializer=store_pb2.GetChunksRequest.FromString,
-        response_serializer=None,
-    )
-    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
-    server.add_generic_rpc_handlers((generic,))
-    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,5 +1,5 @@
-"""What both deltavault gRPC servers share: health and reflection, the /metrics endpoint,
-the serving/not-serving switch, and waiting for SIGTERM."""
+"""What both deltavault gRPC servers share: registering a service's methods, health and
+reflection, the /metrics endpoint, the serving/not-serving switch, and waiting for SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType, ModuleType
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -20,6 +20,46 @@ from prometheus_client import CollectorRegistry, start_http_server
 log = logging.getLogger(__name__)
 
 C = TypeVar("C")
+
+
+Codec = tuple[Callable[[bytes], Any], Callable[[Any], bytes] | None]
+"""A method's (request deserializer, response serializer); None sends responses as the
+bytes the method yields."""
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(
+    server: grpc.Server,
+    servicer: object,
+    messages: ModuleType,
+    service: str,
+    codecs: Mapping[str, Codec] | None = None,
+) -> None:
+    """Register every method of ``service`` (declared in the generated module ``messages``)
+    as ``servicer``'s method of that name, with protobuf's (de)serializers except where
+    ``codecs`` names others (frames parsed and sent around their data: ``clients.wire``)."""
+    descriptor = messages.DESCRIPTOR.services_by_name[service]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in descriptor.methods:
+        deserialize, serialize = (codecs or {}).get(method.name) or (
+            getattr(messages, method.input_type.name).FromString,
+            getattr(messages, method.output_type.name).SerializeToString,
+        )
+        handlers[method.name] = _HANDLERS[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=deserialize,
+            response_serializer=serialize,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
 
 
 def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:

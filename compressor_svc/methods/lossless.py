@@ -59,11 +59,10 @@ def encode_exact(base: Tensor, finetuned: Tensor, *, overwrite: bool = False) ->
     more than a float32 delta, the delta is stored at float32 instead. A delta whose rows
     are mostly all-zero is stored as its changed rows and their Rice-coded indices.
 
-    Block by block, in one pass at a 16-bit width (the delta and its misses together), in
-    two at float32 (the misses, then the delta). With ``overwrite`` the caller gives
-    ``finetuned`` up and a 16-bit delta is written over it, so encoding needs no memory
-    beyond its inputs (should it then fall back to float32, the fine-tune is first rebuilt
-    in place from that delta and its fix-ups, exactly).
+    One pass, block by block: the delta and its misses together. With ``overwrite`` the
+    caller gives ``finetuned`` up and a 16-bit delta is written over it, so encoding needs
+    no memory beyond its inputs (should it then fall back to float32, the fine-tune is first
+    rebuilt in place from that delta and its fix-ups, exactly).
     """
     flat_base, flat_tuned = base.reshape(-1), finetuned.reshape(-1)
     if finetuned.element_size() == 2:
@@ -75,10 +74,10 @@ def encode_exact(base: Tensor, finetuned: Tensor, *, overwrite: bool = False) ->
             return _encoding(_delta_parts(out.view(finetuned.shape)) + fixes, finetuned)
         if in_place:
             _rebuild_in_place(flat_base, out, wrong, values)
-    wrong = _misses(flat_base, flat_tuned, torch.float32)
-    fixes = _fix_parts(wrong, flat_tuned[wrong], flat_tuned.numel())
-    stored = _delta_at(flat_base, flat_tuned, torch.float32)
-    return _encoding(_delta_parts(stored.view(finetuned.shape)) + fixes, finetuned)
+    out = torch.empty(flat_tuned.numel(), dtype=torch.float32)
+    wrong, values = _delta_with_misses(flat_base, flat_tuned, out)
+    fixes = _fix_parts(wrong, values, flat_tuned.numel())
+    return _encoding(_delta_parts(out.view(finetuned.shape)) + fixes, finetuned)
 
 
 def _fix_parts(wrong: Tensor, values: Tensor, numel: int) -> list[Part]:
@@ -114,17 +113,6 @@ def _delta(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> Tensor:
     return (finetuned.float() - base.float()).to(dtype)
 
 
-def _misses(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> Tensor:
-    """Flat positions where the delta at ``dtype`` does not rebuild ``finetuned``."""
-    wrong = [torch.zeros(0, dtype=torch.int64)]
-    for start in _blocks(finetuned.numel()):
-        tuned = finetuned[start : start + BLOCK_ELEMENTS]
-        below = base[start : start + BLOCK_ELEMENTS]
-        rebuilt = apply_delta(below, _delta(below, tuned, dtype), tuned.dtype)
-        wrong.append(_mismatches(rebuilt, tuned).nonzero().view(-1) + start)
-    return torch.cat(wrong)
-
-
 def _delta_with_misses(base: Tensor, finetuned: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     """Write the flat delta at ``out``'s dtype into ``out`` (which may be ``finetuned``
     itself: each block is read before it is written); (the flat positions where it does not
@@ -148,15 +136,6 @@ def _rebuild_in_place(base: Tensor, delta: Tensor, wrong: Tensor, values: Tensor
         stop = start + BLOCK_ELEMENTS
         delta[start:stop] = apply_delta(base[start:stop], delta[start:stop], delta.dtype)
     delta[wrong] = values
-
-
-def _delta_at(base: Tensor, finetuned: Tensor, dtype: torch.dtype) -> Tensor:
-    """The flat delta at ``dtype``, in a new tensor."""
-    stored = torch.empty(finetuned.numel(), dtype=dtype)
-    for start in _blocks(finetuned.numel()):
-        stop = start + BLOCK_ELEMENTS
-        stored[start:stop] = _delta(base[start:stop], finetuned[start:stop], dtype)
-    return stored
 
 
 def _delta_parts(stored: Tensor) -> list[Part]:

@@ -5,14 +5,12 @@ status, name the tensor, and commit nothing."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2, compressor_pb2_grpc
@@ -28,6 +26,7 @@ from clients.safetensors_io import Checkpoint
 from clients.sdk import DeltaVault, TensorReport
 from compressor_svc.server import CompressorServer
 from tests.integration.conftest import EMBEDDING, LINEAR, RunningStore, start_compressor
+from tests.support.checkpoints import write_adapter
 
 BASE = compressor_pb2.TENSOR_ROLE_BASE
 FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
@@ -274,15 +273,12 @@ def test_a_lora_adapter_compresses_as_deltas_of_its_modules(
     base_dir = pair[0]
     generator = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 32, generator=generator), torch.randn(96, 4, generator=generator)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
     prefix = "base_model.model.model.layers.0.mlp.up_proj"
-    save_file(
+    adapter = write_adapter(
+        tmp_path / "adapter",
         {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
-        adapter / "adapter_model.safetensors",
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"]},
     )
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"]}
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
 
     report = vault.compress(base_dir, adapter, ref="team/lora", method="lossless", ratio=None)
     assert [t.name for t in report.tensors] == [LINEAR]
@@ -305,19 +301,16 @@ def test_a_lora_adapter_brings_its_biases_and_modules_to_save(
     bias = torch.randn(32, generator=generator)
     norm = torch.rand(32, generator=generator).half() + 0.5  # trained, saved whole
     module = "base_model.model.model.layers.0.mlp.down_proj"
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_file(
+    adapter = write_adapter(
+        tmp_path / "adapter",
         {
             f"{module}.lora_A.weight": a,
             f"{module}.lora_B.weight": b,
             f"{module}.lora_B.bias": bias,
             "base_model.model.model.layers.0.input_layernorm.weight": norm,
         },
-        adapter / "adapter_model.safetensors",
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "lora_bias": True},
     )
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "lora_bias": True}
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
 
     report = vault.compress(base_dir, adapter, ref="team/lora-b", method="lossless", ratio=None)
     down = "model.layers.0.mlp.down_proj"

@@ -132,8 +132,10 @@ def test_a_base_is_not_a_delta_nor_a_delta_a_base(
         vault.reconstruct("bases/toy", base_dir, tmp_path / "out")
     with pytest.raises(ValueError, match="is a delta, not a registered base"):
         vault.reconstruct("team/toy", None, tmp_path / "out", base_ref="team/toy")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exactly one"):
         vault.reconstruct("team/toy", base_dir, tmp_path / "out", base_ref="bases/toy")
+    with pytest.raises(ValueError, match="exactly one"):
+        vault.reconstruct("team/toy", None, tmp_path / "out")
     with CompressorClient(f"127.0.0.1:{compressor.port}") as client:
         for header in (
             compressor_pb2.ReconstructHeader(ref="bases/toy"),

@@ -27,3 +27,11 @@ def write_checkpoint(directory: Path, tensors: dict[str, Tensor], shards: int = 
     index = {"metadata": {}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     return directory
+
+
+def write_adapter(folder: Path, tensors: dict[str, Tensor], config: dict[str, object]) -> Path:
+    """A PEFT adapter folder as ``save_pretrained`` writes it (created if absent)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from clients.lora import LoraAdapter, resolve_names
+from tests.support.checkpoints import write_adapter as write_folder
 
 PREFIX = "base_model.model."
 QUERY = "encoder.layer.0.attention.self.query"
@@ -39,8 +38,7 @@ def write_adapter(
     """An adapter directory as PEFT's ``save_pretrained`` writes it; returns its tensors."""
     tensors = factors() if tensors is None else tensors
     fields = {"peft_type": "LORA", "r": 2, "lora_alpha": 16, "target_modules": ["query"]}
-    (folder / "adapter_config.json").write_text(json.dumps(fields | config))
-    save_file(tensors, folder / "adapter_model.safetensors")
+    write_folder(folder, tensors, fields | config)
     return tensors
 
 
