@@ -1,31 +1,37 @@
-"""Numeric primitives of deltavault: quantize, pack, unpack, dequantize, decode.
+"""Numeric kernels of deltavault.
 
-``kernels.reference`` is the pure-torch definition of every stored format; accelerated
-kernels must match it.
+``kernels.reference`` is the pure-torch definition of every stored format; ``kernels.triton``
+holds the Triton kernels, tested against it. The names here pick one of the two per call
+(Triton on CUDA tensors, the reference elsewhere; ``DELTAVAULT_KERNELS`` forces either).
 """
 
-from kernels.reference import (
-    EncodedTensor,
-    Part,
-    PartDtype,
-    QuantParams,
-    choose_qparams,
+from kernels.layout import DeltaStack, stack
+from kernels.ops import (
     decode,
+    delta_linear,
+    delta_linear_batched,
     dequantize,
     pack,
     quantize,
+    quantize_packed,
     unpack,
 )
+from kernels.reference import EncodedTensor, Part, PartDtype, QuantParams, choose_qparams
 
 __all__ = [
+    "delta_linear",
+    "delta_linear_batched",
+    "decode",
+    "stack",
+    "DeltaStack",
+    "quantize",
+    "quantize_packed",
+    "pack",
+    "unpack",
+    "dequantize",
     "EncodedTensor",
     "Part",
     "PartDtype",
     "QuantParams",
     "choose_qparams",
-    "decode",
-    "dequantize",
-    "pack",
-    "quantize",
-    "unpack",
 ]

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton reads this when a kernel is decorated, so it must be set before any test module
+# imports kernels.triton: without a GPU the kernels then run in Triton's CPU interpreter.
+# TRITON_INTERPRET=0 in the environment runs them compiled, on CUDA tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

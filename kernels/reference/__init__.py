@@ -40,6 +40,7 @@ from kernels.reference.quant import (
 )
 from kernels.reference.separate import (
     SeparatedCodes,
+    separate_codes,
     separate_dequantize,
     separate_quantize,
     separated_parts,
@@ -61,6 +62,7 @@ __all__ = [
     "decode_positions",
     "SeparatedCodes",
     "separate_quantize",
+    "separate_codes",
     "separate_dequantize",
     "separated_parts",
     "BIT_TO_PACKING",

@@ -113,6 +113,12 @@ def separate_quantize(values: Tensor, bits: int, extra: int, group_size: int) ->
 
 def separate_dequantize(separated: SeparatedCodes) -> Tensor:
     """(length,) fp32 values of a separately quantized sequence."""
+    return dequantize(separate_codes(separated).view(1, -1), separated.params).view(-1)
+
+
+def separate_codes(separated: SeparatedCodes) -> Tensor:
+    """(length,) uint8 codes on the fine grid: each inner offset plus its group's window
+    start, each outer code at its position."""
     length, group_size = separated.length, separated.params.group_size
     outer_at = decode_positions(separated.positions, length)
     if outer_at.numel() != separated.outer.numel():
@@ -131,7 +137,7 @@ def separate_dequantize(separated: SeparatedCodes) -> Tensor:
     codes[outer_at] = separated.outer.to(torch.int64)
     if bool((codes >= 1 << separated.fine_bits).any()):
         raise ValueError(f"an inner code overflows the {separated.fine_bits}-bit fine grid")
-    return dequantize(codes.to(torch.uint8).view(1, -1), separated.params).view(-1)
+    return codes.to(torch.uint8)
 
 
 def separated_parts(prefix: str, separated: SeparatedCodes) -> list[Part]:
