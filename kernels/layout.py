@@ -9,9 +9,10 @@ deltas with fp16 and bf16 scales share a buffer) and a few derived index tables 
 - low-rank (``adamix``, ``deltacome``): per code width, V̂ᵀ and Ûᵀ rows of every delta and
   their sigma; the product is (x·V̂ᵀ·diag(sigma))·Ûᵀ.
 - sign (``bitdelta``): the sign bits and per-row scales of every level.
-- sparse (``dare``, ``deltadq``): the seeded mask is regenerated here, once, as each row's
-  kept columns (int32, padded to the longest row); kept values stay packed codes
-  (DeltaDQ's separate quantization is rewritten to its fine codes, the same values).
+- sparse (``dare``, ``deltadq``): the kernels regenerate the seeded mask from its hash;
+  the layout adds each row's first value index and, for DeltaDQ, each group's key bound
+  (32 bits per dropout group). Kept values stay packed codes (DeltaDQ's separate
+  quantization is rewritten to its fine codes: the same values, at the fine width).
 - dense (``lossless``, or anything else decodable): the decoded delta.
 
 A segment is one delta of the stack; rows of ``x`` are routed to segments at call time.
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kernels.reference import EncodedTensor, decode, pack
+from kernels.reference import EncodedTensor, PartDtype, decode, pack
 from kernels.reference.encoded import read_qparams
-from kernels.reference.prng import check_prng, group_mask, threshold_mask
+from kernels.reference.prng import check_prng, group_keep_counts, hash_keys, mask_salt
 from kernels.reference.quant import QuantParams
 from kernels.reference.separate import is_separated, read_separated, separate_codes
 
@@ -153,15 +154,23 @@ class SignStack:
 
 @dataclass(frozen=True)
 class SparseStack:
-    """Row-wise kept columns (``width[s]`` per row, padded, ``count`` valid) and the kept
-    values in row-major mask order: ``bits``-bit codes on a fine grid, or fp32 floats."""
+    """Seeded-mask deltas of one kind and value width, the mask left to the kernels.
+
+    An element of segment entry e is kept when its key (``salt[e]``, ``kernels.triton.masks``)
+    is at most its bound: ``bound[e]`` (DARE: threshold - 1) or, ``grouped`` (DeltaDQ), the
+    int32 bit pattern of its group's ``keep``-th smallest key, (d_out, n_groups) per entry
+    at ``bound_offset[e]``, groups of ``dropout_group[e]`` columns. Kept values are stored
+    in row-major mask order, row n's first at ``start[e * d_out + n]``: ``bits``-bit codes
+    of a fine grid (``scale``/``zero`` per ``group_size[e]`` values) or floats (bits 0).
+    """
 
     segments: Tensor
+    grouped: bool
     bits: int
-    columns: Tensor
-    column_offset: Tensor
-    width: Tensor
-    count: Tensor
+    salt: Tensor
+    bound: Tensor
+    bound_offset: Tensor
+    dropout_group: Tensor
     start: Tensor
     values: Tensor
     value_offset: Tensor
@@ -171,8 +180,9 @@ class SparseStack:
     group_size: Tensor
 
     @property
-    def max_width(self) -> int:
-        return int(self.width.max())
+    def nbytes(self) -> int:
+        tables = (self.bound, self.start, self.values, self.scale, self.zero)
+        return sum(t.numel() * t.element_size() for t in tables)
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,7 @@ class DeltaStack:
     device: torch.device
     low_rank: dict[int, LowRankStack] = field(default_factory=dict)
     signs: SignStack | None = None
-    sparse: dict[int, SparseStack] = field(default_factory=dict)
+    sparse: dict[tuple[bool, int], SparseStack] = field(default_factory=dict)
     dense: dict[int, Tensor] = field(default_factory=dict)
     encodings: tuple[EncodedTensor, ...] = ()
     """The encodings the stack was made from (what the reference backend decodes)."""
@@ -197,10 +207,7 @@ class DeltaStack:
             total += s.v.nbytes + s.u.nbytes + s.sigma.numel() * 4
         if self.signs is not None:
             total += self.signs.signs.numel() + self.signs.scale.numel() * 4
-        for p in self.sparse.values():
-            total += sum(t.numel() * t.element_size() for t in (p.columns, p.values))
-            total += (p.scale.numel() + p.zero.numel()) * 4
-        return total
+        return total + sum(p.nbytes for p in self.sparse.values())
 
 
 def stack(deltas: Sequence[EncodedTensor], device: torch.device | str | None = None) -> DeltaStack:
@@ -292,86 +299,119 @@ def _sign_stack(
 
 @dataclass(frozen=True)
 class _SparseSegment:
-    """One delta's kept columns per row and its kept values: packed codes of ``slab``'s
-    grid, or (``slab`` None) fp32 floats."""
+    """One delta's mask bounds, row starts and kept values: packed codes of ``slab``'s grid,
+    or (``slab`` None) floats."""
 
     segment: int
-    columns: Tensor
-    count: Tensor
+    grouped: bool
+    salt: int
+    bound: Tensor
+    dropout_group: int
     start: Tensor
     values: Tensor
     slab: QuantSlab | None
 
     @property
-    def bits(self) -> int:
-        return FLOAT_VALUES if self.slab is None else self.slab.bits
+    def key(self) -> tuple[bool, int]:
+        return self.grouped, FLOAT_VALUES if self.slab is None else self.slab.bits
 
 
-def _kept_mask(encoded: EncodedTensor) -> Tensor:
+def _keys(shape: tuple[int, int], seed: int, device: torch.device) -> Tensor:
+    """(rows, cols) int64 mask keys, hashed on ``device`` when it is a GPU."""
+    if device.type == "cuda":
+        from kernels.triton.masks import hash_keys as device_hash_keys
+
+        return device_hash_keys(shape[0] * shape[1], seed, device).view(shape)
+    return hash_keys(shape[0] * shape[1], seed).view(shape)
+
+
+def _group_bounds(keys: Tensor, group: int, keep: int) -> Tensor:
+    """(rows, n_groups) the ``keep``-th smallest key of each group (the tail its share),
+    as int32 bit patterns of the uint32 keys."""
+    rows, cols = keys.shape
+    n_full = cols // group
+    counts = group_keep_counts(cols, group, keep)
+    pieces = []
+    if n_full:
+        full = keys[:, : n_full * group].reshape(rows, n_full, group)
+        pieces.append(torch.kthvalue(full, keep, dim=2).values)
+    if len(counts) > n_full:
+        tail = keys[:, n_full * group :]
+        pieces.append(torch.kthvalue(tail, counts[-1], dim=1).values.unsqueeze(1))
+    bounds = torch.cat(pieces, dim=1)
+    return torch.where(bounds >= 1 << 31, bounds - (1 << 32), bounds).to(torch.int32)
+
+
+def _mask_bounds(encoded: EncodedTensor, device: torch.device) -> tuple[bool, Tensor, Tensor, int]:
+    """(grouped, bounds, kept count per row, dropout group) of a seeded mask."""
     shape = (encoded.shape[0], encoded.shape[1])
-    seed = check_prng(encoded.params)
+    keys = _keys(shape, check_prng(encoded.params), device)
     if encoded.method == "dare":
-        return threshold_mask(shape, seed, int(encoded.params["threshold"]))
+        threshold = int(encoded.params["threshold"])
+        counts = (keys < threshold).sum(dim=1)
+        return False, torch.tensor([threshold - 1]), counts, 1
     group, keep = int(encoded.params["dropout_group"]), int(encoded.params["keep"])
-    return group_mask(shape, seed, group, keep)
+    per_row = sum(group_keep_counts(shape[1], group, keep))
+    counts = torch.full((shape[0],), per_row, dtype=torch.int64)
+    return True, _group_bounds(keys, group, keep), counts, group
 
 
 def _kept_values(encoded: EncodedTensor, n_kept: int) -> tuple[Tensor, QuantSlab | None]:
     if any(p.name == "values" for p in encoded.parts):
-        values = encoded.part("values").floats().view(-1)
-        if values.numel() != n_kept:
-            raise ValueError(f"mask keeps {n_kept} elements, {values.numel()} values stored")
-        return values, None
+        part = encoded.part("values")
+        if part.numel != n_kept:
+            raise ValueError(f"mask keeps {n_kept} elements, {part.numel} values stored")
+        dtype = torch.float16 if part.dtype is PartDtype.FLOAT16 else torch.float32
+        return part.floats().view(-1).to(dtype), None
     group_size = int(encoded.params["group_size"])
     if is_separated(encoded, "values"):
         separated = read_separated(encoded, "values", group_size, n_kept)
-        fine = QuantSlab.of(
-            pack(separate_codes(separated), separated.fine_bits), 1, separated.params
-        )
+        packed = pack(separate_codes(separated), separated.fine_bits)
+        fine = QuantSlab.of(packed, 1, separated.params)
         return fine.codes, fine
-    if encoded.part("values.codes").numel != n_kept:
-        raise ValueError(
-            f"mask keeps {n_kept} elements, {encoded.part('values.codes').numel} codes stored"
-        )
+    codes = encoded.part("values.codes")
+    if codes.numel != n_kept:
+        raise ValueError(f"mask keeps {n_kept} elements, {codes.numel} codes stored")
     slab = QuantSlab.read(encoded, "values", group_size)
     return slab.codes, slab
 
 
-def _sparse_segment(segment: int, encoded: EncodedTensor) -> _SparseSegment:
-    mask = _kept_mask(encoded)
-    count = mask.sum(dim=1, dtype=torch.int32)
-    width = max(int(count.max()), 1)
-    # Each row's kept columns first, in column order: a stable sort of the dropped flags.
-    columns = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-    start = torch.cumsum(count, 0, dtype=torch.int64) - count
-    values, slab = _kept_values(encoded, int(count.sum()))
-    return _SparseSegment(segment, columns.to(torch.int32), count, start, values, slab)
+def _sparse_segment(segment: int, encoded: EncodedTensor, device: torch.device) -> _SparseSegment:
+    grouped, bound, counts, group = _mask_bounds(encoded, device)
+    counts = counts.cpu()
+    start = torch.cumsum(counts, 0) - counts
+    values, slab = _kept_values(encoded, int(counts.sum()))
+    salt = mask_salt(check_prng(encoded.params))
+    return _SparseSegment(segment, grouped, salt, bound, group, start, values, slab)
 
 
 def _sparse_stacks(
     deltas: Sequence[tuple[int, EncodedTensor]], device: torch.device
-) -> dict[int, SparseStack]:
-    per_width: dict[int, list[_SparseSegment]] = {}
+) -> dict[tuple[bool, int], SparseStack]:
+    per_kind: dict[tuple[bool, int], list[_SparseSegment]] = {}
     for segment, encoded in deltas:
-        entry = _sparse_segment(segment, encoded)
-        per_width.setdefault(entry.bits, []).append(entry)
-    return {
-        bits: _sparse_stack(bits, entries, device) for bits, entries in sorted(per_width.items())
-    }
+        entry = _sparse_segment(segment, encoded, device)
+        per_kind.setdefault(entry.key, []).append(entry)
+    return {key: _sparse_stack(key, entries, device) for key, entries in sorted(per_kind.items())}
 
 
 def _sparse_stack(
-    bits: int, entries: Sequence[_SparseSegment], device: torch.device
+    key: tuple[bool, int], entries: Sequence[_SparseSegment], device: torch.device
 ) -> SparseStack:
+    grouped, bits = key
     slabs = [e.slab for e in entries if e.slab is not None]
-    value_dtype = torch.float32 if bits == FLOAT_VALUES else torch.uint8
+    value_dtype = entries[0].values.dtype if bits == FLOAT_VALUES else torch.uint8
+    if any(e.values.dtype != value_dtype for e in entries):
+        value_dtype = torch.float32
+    bounds = [e.bound for e in entries]
     return SparseStack(
         _int_table([e.segment for e in entries], torch.int32, device),
+        grouped,
         bits,
-        _concat([e.columns for e in entries], torch.int32, device),
-        _int_table(_offsets([e.columns for e in entries]), torch.int64, device),
-        _int_table([e.columns.shape[1] for e in entries], torch.int32, device),
-        _concat([e.count for e in entries], torch.int32, device),
+        _int_table([e.salt for e in entries], torch.int64, device),
+        _concat(bounds, torch.int32 if grouped else torch.int64, device),
+        _int_table(_offsets(bounds), torch.int64, device),
+        _int_table([e.dropout_group for e in entries], torch.int32, device),
         _concat([e.start for e in entries], torch.int64, device),
         _concat([e.values for e in entries], value_dtype, device),
         _int_table(_offsets([e.values for e in entries]), torch.int64, device),

@@ -37,13 +37,22 @@ def lowbias32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def hash_keys(numel: int, seed: int) -> Tensor:
-    """(numel,) int64 keys, uniform on [0, 2**32), one per linear index 0..numel-1."""
+def mask_salt(seed: int) -> int:
+    """``H(seed XOR φ)``: the word every key of a seed's mask is salted with."""
     if not 0 <= seed <= _MASK32:
         raise ValueError(f"seed must be a 32-bit unsigned integer, got {seed}")
+    return int(lowbias32(torch.tensor([seed ^ _GOLDEN], dtype=torch.int64))[0])
+
+
+def check_mask_size(numel: int) -> None:
     if numel >= 1 << 32:
         raise ValueError(f"masks address at most 2**32 elements, got {numel}")
-    salt = lowbias32(torch.tensor([seed ^ _GOLDEN], dtype=torch.int64))
+
+
+def hash_keys(numel: int, seed: int) -> Tensor:
+    """(numel,) int64 keys, uniform on [0, 2**32), one per linear index 0..numel-1."""
+    salt = mask_salt(seed)
+    check_mask_size(numel)
     return lowbias32(lowbias32(torch.arange(numel, dtype=torch.int64)) ^ salt)
 
 

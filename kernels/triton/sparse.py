@@ -1,6 +1,12 @@
-"""DARE and DeltaDQ: ``y += x·ΔŴᵀ`` as a sparse-quantized product over each row's kept
-columns (the seeded mask, regenerated once by :mod:`kernels.layout`), the kept values
-dequantized from their packed codes as they are loaded; and the dense decode, a scatter."""
+"""DARE and DeltaDQ: ``y += x·ΔŴᵀ`` with the seeded mask regenerated in the kernel, so the
+kept positions cost no bytes here either; and the dense decode.
+
+Each program walks a block of output rows across ``d_in`` in tiles: it hashes the tile's
+linear indices (:mod:`.masks`), keeps the elements whose key is within their bound, numbers
+them in row-major order (a running count per row plus a cumulative sum across the tile,
+which is the order their values are stored in), dequantizes their codes and multiplies the
+tile, zeros where dropped, with ``tl.dot``.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +18,19 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.layout import SparseStack
-from kernels.triton.codes import load_codes, rounded_to
+from kernels.triton.codes import dot_dtype, load_codes, mma, rounded_to
+from kernels.triton.masks import keys_at
 from kernels.triton.segments import row_blocks, segment_rows
 
-BLOCK_N, BLOCK_J = 32, 32
+BLOCK_N, BLOCK_J = 32, 64
 
 
 @triton.jit
-def _kept(
-    stack_columns,
-    column_offset,
-    width,
-    count,
+def _kept_tile(
+    salt,
+    bound,
+    bound_offset,
+    dropout_group,
     start,
     values,
     value_offset,
@@ -36,33 +43,37 @@ def _kept(
     n,
     n_ok,
     j,
+    d_in,
     d_out,
+    running,
+    GROUPED: tl.constexpr,
     BITS: tl.constexpr,
 ):
-    """(columns, values, mask) of kept entries ``j`` of rows ``n``: (BLOCK_N, BLOCK_J)."""
-    row_width = tl.load(width + entry)
-    kept = tl.load(count + entry * d_out + n, mask=n_ok, other=0)
+    """(values (BLOCK_N, BLOCK_J) fp32, zero where dropped; the rows' running kept counts
+    after this tile) of columns ``j`` of rows ``n``."""
+    ok = n_ok[:, None] & (j < d_in)[None, :]
+    key = keys_at(n[:, None].to(tl.int64) * d_in + j[None, :], tl.load(salt + entry).to(tl.uint32))
+    if GROUPED:
+        group = tl.load(dropout_group + entry)
+        at = tl.load(bound_offset + entry) + n[:, None].to(tl.int64) * tl.cdiv(d_in, group)
+        limit = tl.load(bound + at + j[None, :] // group, mask=ok, other=0)
+        limit = limit.to(tl.uint32, bitcast=True).to(tl.int64)
+    else:
+        limit = tl.load(bound + entry)
+    kept = ok & (key <= limit)
+    count = kept.to(tl.int32)
     first = tl.load(start + entry * d_out + n, mask=n_ok, other=0)
-    ok = n_ok[:, None] & (j[None, :] < kept[:, None])
-    columns = tl.load(
-        stack_columns
-        + tl.load(column_offset + entry)
-        + n[:, None].to(tl.int64) * row_width
-        + j[None, :],
-        mask=ok,
-        other=0,
-    )
-    at = first[:, None] + j[None, :]
-    if BITS == 0:  # kernels.layout.FLOAT_VALUES: fp32 floats, not codes
-        value = tl.load(values + tl.load(value_offset + entry) + at, mask=ok, other=0.0)
+    index = first[:, None] + (running[:, None] + tl.cumsum(count, axis=1) - count)
+    if BITS == 0:  # kernels.layout.FLOAT_VALUES: floats, not codes
+        value = tl.load(values + tl.load(value_offset + entry) + index, mask=kept, other=0.0)
     else:
         offset = tl.load(value_offset + entry)
-        code = load_codes(values + offset, at, values_nbytes - offset, ok, BITS)
-        grid_at = tl.load(param_offset + entry) + at // tl.load(group_size + entry)
-        s = tl.load(scale + grid_at, mask=ok, other=0.0)
-        z = tl.load(zero + grid_at, mask=ok, other=0.0)
+        code = load_codes(values + offset, index, values_nbytes - offset, kept, BITS)
+        grid_at = tl.load(param_offset + entry) + index // tl.load(group_size + entry)
+        s = tl.load(scale + grid_at, mask=kept, other=0.0)
+        z = tl.load(zero + grid_at, mask=kept, other=0.0)
         value = (code.to(tl.float32) - z) * s
-    return columns, tl.where(ok, value, 0.0), ok
+    return tl.where(kept, value.to(tl.float32), 0.0), running + tl.sum(count, axis=1)
 
 
 @triton.jit
@@ -73,10 +84,10 @@ def _sparse_product_kernel(
     y_stride,
     row_offsets,
     stack_segments,
-    columns,
-    column_offset,
-    width,
-    count,
+    salt,
+    bound,
+    bound_offset,
+    dropout_group,
     start,
     values,
     value_offset,
@@ -85,8 +96,11 @@ def _sparse_product_kernel(
     zero,
     param_offset,
     group_size,
+    d_in,
     d_out,
+    GROUPED: tl.constexpr,
     BITS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -99,49 +113,34 @@ def _sparse_product_kernel(
         return
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < d_out
+    running = tl.zeros((BLOCK_N,), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j_start in range(0, tl.load(width + entry), BLOCK_J):
+    for j_start in range(0, d_in, BLOCK_J):
         j = j_start + tl.arange(0, BLOCK_J)
-        cols, value, ok = _kept(
-            columns,
-            column_offset,
-            width,
-            count,
-            start,
-            values,
-            value_offset,
-            values_nbytes,
-            scale,
-            zero,
-            param_offset,
-            group_size,
-            entry,
-            n,
-            n_ok,
-            j,
-            d_out,
-            BITS,
-        )
+        w, running = _kept_tile(
+            salt, bound, bound_offset, dropout_group, start, values, value_offset,
+            values_nbytes, scale, zero, param_offset, group_size, entry, n, n_ok, j, d_in,
+            d_out, running, GROUPED, BITS,
+        )  # fmt: skip
         a = tl.load(
-            x + rows[:, None, None].to(tl.int64) * x_stride + cols[None, :, :],
-            mask=row_ok[:, None, None] & ok[None, :, :],
+            x + rows[:, None].to(tl.int64) * x_stride + j[None, :],
+            mask=row_ok[:, None] & (j < d_in)[None, :],
             other=0.0,
         )
-        acc += tl.sum(a.to(tl.float32) * value[None, :, :], axis=2)
+        acc = mma(acc, a, tl.trans(w), DOT_DTYPE)
     target = y + rows[:, None].to(tl.int64) * y_stride + n[None, :]
-    out_ok = row_ok[:, None] & n_ok[None, :]
-    acc += tl.load(target, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(target, rounded_to(acc, y.dtype.element_ty), mask=out_ok)
+    ok = row_ok[:, None] & n_ok[None, :]
+    acc += tl.load(target, mask=ok, other=0.0).to(tl.float32)
+    tl.store(target, rounded_to(acc, y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _sparse_decode_kernel(
     out,
-    d_in,
-    columns,
-    column_offset,
-    width,
-    count,
+    salt,
+    bound,
+    bound_offset,
+    dropout_group,
     start,
     values,
     value_offset,
@@ -151,47 +150,39 @@ def _sparse_decode_kernel(
     param_offset,
     group_size,
     entry,
+    d_in,
     d_out,
+    GROUPED: tl.constexpr,
     BITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    cols, value, ok = _kept(
-        columns,
-        column_offset,
-        width,
-        count,
-        start,
-        values,
-        value_offset,
-        values_nbytes,
-        scale,
-        zero,
-        param_offset,
-        group_size,
-        entry,
-        n,
-        n < d_out,
-        j,
-        d_out,
-        BITS,
-    )
-    target = out + n[:, None].to(tl.int64) * d_in + cols
-    tl.store(target, rounded_to(value, out.dtype.element_ty), mask=ok)
+    n_ok = n < d_out
+    running = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for j_start in range(0, d_in, BLOCK_J):
+        j = j_start + tl.arange(0, BLOCK_J)
+        w, running = _kept_tile(
+            salt, bound, bound_offset, dropout_group, start, values, value_offset,
+            values_nbytes, scale, zero, param_offset, group_size, entry, n, n_ok, j, d_in,
+            d_out, running, GROUPED, BITS,
+        )  # fmt: skip
+        target = out + n[:, None].to(tl.int64) * d_in + j[None, :]
+        tl.store(
+            target, rounded_to(w, out.dtype.element_ty), mask=n_ok[:, None] & (j < d_in)[None, :]
+        )
 
 
 def _stack_args(stack: SparseStack) -> tuple[Tensor | int, ...]:
     return (
-        stack.columns,
-        stack.column_offset,
-        stack.width,
-        stack.count,
+        stack.salt,
+        stack.bound,
+        stack.bound_offset,
+        stack.dropout_group,
         stack.start,
         stack.values,
         stack.value_offset,
-        stack.values.numel() * stack.values.element_size(),
+        stack.values.numel(),
         stack.scale,
         stack.zero,
         stack.param_offset,
@@ -203,8 +194,8 @@ def add_sparse(
     x: Tensor, y: Tensor, offsets: Tensor, rows: Sequence[int], stack: SparseStack
 ) -> None:
     """``y[rows of s] += x[rows of s]·ΔŴ_sᵀ`` for each sparse segment s of the stack."""
-    block_m = 16 if max(rows, default=0) <= 16 else 32
-    d_out = y.shape[1]
+    block_m = 16 if max(rows, default=0) <= 16 else 64
+    d_in, d_out = x.shape[1], y.shape[1]
     grid = (row_blocks(rows, block_m), triton.cdiv(d_out, BLOCK_N), stack.segments.numel())
     _sparse_product_kernel[grid](
         x,
@@ -214,8 +205,11 @@ def add_sparse(
         offsets,
         stack.segments,
         *_stack_args(stack),
+        d_in,
         d_out,
+        GROUPED=stack.grouped,
         BITS=stack.bits,
+        DOT_DTYPE=dot_dtype(x.dtype),
         BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         BLOCK_J=BLOCK_J,
@@ -225,16 +219,16 @@ def add_sparse(
 def decode_sparse(
     stack: SparseStack, entry: int, shape: tuple[int, int], dtype: torch.dtype
 ) -> Tensor:
-    """The dense ΔŴ of entry ``entry`` of the stack: zeros, the kept values scattered."""
+    """The dense ΔŴ of entry ``entry`` of the stack."""
     d_out, d_in = shape
-    out = torch.zeros(shape, dtype=dtype, device=stack.columns.device)
-    grid = (triton.cdiv(d_out, BLOCK_N), triton.cdiv(int(stack.width[entry]), BLOCK_J))
-    _sparse_decode_kernel[grid](
+    out = torch.empty(shape, dtype=dtype, device=stack.values.device)
+    _sparse_decode_kernel[(triton.cdiv(d_out, BLOCK_N),)](
         out,
-        d_in,
         *_stack_args(stack),
         entry,
+        d_in,
         d_out,
+        GROUPED=stack.grouped,
         BITS=stack.bits,
         BLOCK_N=BLOCK_N,
         BLOCK_J=BLOCK_J,

@@ -8,6 +8,7 @@ import torch
 
 from kernels import reference
 from kernels.triton import codes as triton_codes
+from kernels.triton import masks as triton_masks
 
 WIDTHS = list(range(1, 9))
 SHAPES_AND_GROUPS = [((1, 1), 1), ((1, 37), 8), ((5, 130), 128), ((33, 67), 7), ((3, 45), 45)]
@@ -100,3 +101,10 @@ def test_bad_input_is_refused() -> None:
     w = _random_matrix((4, 64), torch.float32, seed=5)
     with pytest.raises(ValueError, match="do not fit"):
         triton_codes.quantize(w, _params(w[:, :32], 4, 32, symmetric=False))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1])
+@pytest.mark.parametrize("numel", [1, 1000, 70001])
+def test_mask_keys_match_reference(seed: int, numel: int) -> None:
+    keys = triton_masks.hash_keys(numel, seed, torch.device("cpu"))
+    assert torch.equal(keys, reference.hash_keys(numel, seed))
