@@ -7,6 +7,7 @@ holds the Triton kernels, tested against it. The names here pick one of the two 
 
 from kernels.layout import DeltaStack, stack
 from kernels.ops import (
+    code_part,
     decode,
     delta_linear,
     delta_linear_batched,
@@ -14,6 +15,7 @@ from kernels.ops import (
     pack,
     quantize,
     quantize_packed,
+    quantized_parts,
     unpack,
 )
 from kernels.reference import EncodedTensor, Part, PartDtype, QuantParams, choose_qparams
@@ -29,6 +31,8 @@ __all__ = [
     "pack",
     "unpack",
     "dequantize",
+    "code_part",
+    "quantized_parts",
     "EncodedTensor",
     "Part",
     "PartDtype",

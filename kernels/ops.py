@@ -5,7 +5,9 @@
   delta applied to its own rows of ``x`` (one launch per format and code width);
 - :func:`decode`: the dense ΔŴ of an encoding, at fp16, bf16 or fp32, on any device;
 - :func:`quantize`, :func:`quantize_packed`, :func:`pack`, :func:`unpack`,
-  :func:`dequantize`: the group-wise codes of :mod:`kernels.reference`.
+  :func:`dequantize`, and the parts they make (:func:`code_part`,
+  :func:`quantized_parts`): the group-wise codes of :mod:`kernels.reference`, what the
+  compressor's methods call, so that on a GPU their quantize and pack steps are kernels.
 
 The Triton backend is imported on first use: importing Triton and decorating the kernels
 takes about half a second that CPU-only processes (the store, the CLI) need not pay.
@@ -25,7 +27,7 @@ from torch import Tensor
 from kernels import reference
 from kernels.dispatch import Backend, backend_for
 from kernels.layout import DeltaStack, stack
-from kernels.reference import EncodedTensor, QuantParams
+from kernels.reference import EncodedTensor, Part, QuantParams
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -108,6 +110,16 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     from kernels.triton import codes
 
     return codes.unpack(packed, bits, n)
+
+
+def code_part(name: str, codes: Tensor, bits: int) -> Part:
+    """``Part.from_codes`` packed on the codes' device."""
+    return Part.from_codes(name, codes, bits, pack)
+
+
+def quantized_parts(prefix: str, codes: Tensor, params: QuantParams) -> list[Part]:
+    """``kernels.reference.quantized_parts`` packed on the codes' device."""
+    return reference.quantized_parts(prefix, codes, params, pack)
 
 
 def dequantize(codes: Tensor, params: QuantParams) -> Tensor:

@@ -28,6 +28,7 @@ from compressor_svc.methods.base import (
     Target,
     register_method,
 )
+from kernels import code_part
 from kernels.reference import EncodedTensor, Part, PartDtype
 
 SCALE_BITS = 32
@@ -128,7 +129,7 @@ class BitDelta(Method[BitDeltaConfig]):
             planes.append(positive)
             scales.append(alpha)
         parts = (
-            Part.from_codes("signs", torch.stack(planes).to(torch.uint8), 1),
+            code_part("signs", torch.stack(planes).to(torch.uint8), 1),
             Part.from_floats("scales", torch.stack(scales), PartDtype.FLOAT32),
         )
         params = {"scale": config.scale.value}

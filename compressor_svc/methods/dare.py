@@ -26,6 +26,7 @@ from compressor_svc.methods.base import (
     Target,
     register_method,
 )
+from kernels import quantize, quantized_parts
 from kernels.reference import (
     EncodedTensor,
     Part,
@@ -33,8 +34,6 @@ from kernels.reference import (
     choose_qparams,
     n_groups,
     prng_params,
-    quantize,
-    quantized_parts,
     threshold_for_count,
     threshold_mask,
 )

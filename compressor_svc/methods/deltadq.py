@@ -53,19 +53,17 @@ from compressor_svc.methods.base import (
     make_target,
     register_method,
 )
+from kernels import dequantize, quantize, quantized_parts
 from kernels.reference import (
     EncodedTensor,
     QuantParams,
     choose_qparams,
     decode,
-    dequantize,
     group_keep_counts,
     group_mask_from_keys,
     hash_keys,
     n_groups,
     prng_params,
-    quantize,
-    quantized_parts,
     separate_dequantize,
     separate_quantize,
     separated_parts,

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels import dequantize, quantize
 from kernels.reference import (
     QuantParams,
     choose_qparams,
-    dequantize,
     dequantize_values,
-    quantize,
     quantize_values,
 )
 

@@ -32,16 +32,14 @@ from compressor_svc.methods.quantizer import (
     gptq_columns,
     gptq_rows,
 )
+from kernels import dequantize, quantize, quantized_parts
 from kernels.reference import (
     EncodedTensor,
     Part,
     PartDtype,
     QuantParams,
     choose_qparams,
-    dequantize,
     n_groups,
-    quantize,
-    quantized_parts,
 )
 
 SIGMA_BITS = 16

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ from torch import Tensor
 
 from kernels.reference.packing import pack, packed_nbytes, unpack
 from kernels.reference.quant import QuantParams
+
+CodePacker = Callable[[Tensor, int], Tensor]
+"""(codes, bits) → packed uint8 stream."""
 
 MAGIC = b"DVET"
 FORMAT_VERSION = 1
@@ -117,7 +121,7 @@ def _little_endian(values: Tensor, dtype: PartDtype) -> Any:
     view of ``values`` when it already is that (contiguous, at ``dtype``, on a little-endian
     machine), else a new array."""
     int_dtype, np_dtype = _INT_VIEW[dtype]
-    stored = values.detach().to(_TO_TORCH[dtype]).contiguous().view(int_dtype).reshape(-1)
+    stored = values.detach().to(_TO_TORCH[dtype]).contiguous().view(int_dtype).reshape(-1).cpu()
     return stored.numpy().astype(np_dtype, copy=False)
 
 
@@ -154,11 +158,15 @@ class Part:
         return packed_nbytes(self.numel, self.dtype.bits)
 
     @classmethod
-    def from_codes(cls, name: str, codes: Tensor, bits: int) -> Part:
-        """Integer codes of any shape in ``[0, 2**bits)``, packed."""
-        packed = pack(codes, bits)
+    def from_codes(cls, name: str, codes: Tensor, bits: int, packer: CodePacker = pack) -> Part:
+        """Integer codes of any shape in ``[0, 2**bits)``, packed by ``packer`` (the
+        reference's, or a kernel's on the codes' device)."""
+        packed = packer(codes, bits)
         return cls(
-            name, PartDtype.for_code_bits(bits), tuple(codes.shape), packed.numpy().tobytes()
+            name,
+            PartDtype.for_code_bits(bits),
+            tuple(codes.shape),
+            packed.cpu().numpy().tobytes(),
         )
 
     @classmethod
@@ -296,11 +304,13 @@ class EncodedTensor:
         )
 
 
-def quantized_parts(prefix: str, codes: Tensor, params: QuantParams) -> list[Part]:
+def quantized_parts(
+    prefix: str, codes: Tensor, params: QuantParams, packer: CodePacker = pack
+) -> list[Part]:
     """Parts ``{prefix}.codes`` (rows, cols) uint{bits}, ``{prefix}.scales`` (rows, n_groups)
     float16 or bfloat16 and, when asymmetric, ``{prefix}.zeros`` (rows, n_groups) float16."""
     parts = [
-        Part.from_codes(f"{prefix}.codes", codes, params.bits),
+        Part.from_codes(f"{prefix}.codes", codes, params.bits, packer),
         Part.from_floats(f"{prefix}.scales", params.scale, PartDtype.for_torch(params.scale.dtype)),
     ]
     if params.zero is not None:

@@ -85,11 +85,11 @@ def _grouped(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """(rows, cols) → (rows, n_groups, group_size) padded values and a bool validity mask."""
     rows, cols = w.shape
     pad = n_groups(cols, group_size) * group_size - cols
-    valid = torch.ones(cols, dtype=torch.bool)
+    valid = torch.ones(cols, dtype=torch.bool, device=w.device)
     if pad:
         # Repeating the last column leaves the tail group's min and max unchanged.
         w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
-        valid = torch.cat([valid, torch.zeros(pad, dtype=torch.bool)])
+        valid = torch.cat([valid, torch.zeros(pad, dtype=torch.bool, device=w.device)])
     return w.reshape(rows, -1, group_size), valid.reshape(-1, group_size)
 
 
