@@ -9,10 +9,10 @@ deltas with fp16 and bf16 scales share a buffer) and a few derived index tables 
 - low-rank (``adamix``, ``deltacome``): per code width, V̂ᵀ and Ûᵀ rows of every delta and
   their sigma; the product is (x·V̂ᵀ·diag(sigma))·Ûᵀ.
 - sign (``bitdelta``): the sign bits and per-row scales of every level.
-- sparse (``dare``, ``deltadq``): the kernels regenerate the seeded mask from its hash;
-  the layout adds each row's first value index and, for DeltaDQ, each group's key bound
-  (32 bits per dropout group). Kept values stay packed codes (DeltaDQ's separate
-  quantization is rewritten to its fine codes: the same values, at the fine width).
+- sparse (``dare``, ``deltadq``): the seeded mask as a bitmap, or left for the kernels
+  to regenerate from its hash (:class:`SparseMasks`), and each row's first value index.
+  Kept values stay packed codes (DeltaDQ's separate quantization is rewritten to its fine
+  codes: the same values, at the fine width).
 - dense (``lossless``, or anything else decodable): the decoded delta.
 
 A segment is one delta of the stack; rows of ``x`` are routed to segments at call time.
@@ -20,6 +20,7 @@ A segment is one delta of the stack; rows of ``x`` are routed to segments at cal
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,20 @@ from kernels.reference.encoded import read_qparams
 from kernels.reference.prng import check_prng, group_keep_counts, hash_keys, mask_salt
 from kernels.reference.quant import QuantParams
 from kernels.reference.separate import is_separated, read_separated, separate_codes
+
+
+class SparseMasks(enum.StrEnum):
+    """How the sparse kernels learn which elements a seeded mask keeps."""
+
+    BITMAP = "bitmap"
+    """Read one bit per element, packed (the layout's default): the delta's device
+    footprint grows by 1 bit per weight, 1/16 of an fp16 weight."""
+    HASH = "hash"
+    """Regenerate each key from the seed and hold it to its bound: no bytes for DARE,
+    32 bits per dropout group for DeltaDQ (less than the bitmap for groups over 32), and
+    about 30 integer operations per weight, which on a GPU may cost more time than the
+    bytes save (``tests.bench.bench_kernels --masks hash`` measures it)."""
+
 
 LOW_RANK_METHODS = frozenset({"adamix", "deltacome"})
 SIGN_METHODS = frozenset({"bitdelta"})
@@ -156,17 +171,22 @@ class SignStack:
 class SparseStack:
     """Seeded-mask deltas of one kind and value width, the mask left to the kernels.
 
-    An element of segment entry e is kept when its key (``salt[e]``, ``kernels.triton.masks``)
-    is at most its bound: ``bound[e]`` (DARE: threshold - 1) or, ``grouped`` (DeltaDQ), the
-    int32 bit pattern of its group's ``keep``-th smallest key, (d_out, n_groups) per entry
-    at ``bound_offset[e]``, groups of ``dropout_group[e]`` columns. Kept values are stored
+    With ``masks`` BITMAP the kept elements of entry e are the set bits of its packed
+    (d_out, d_in) bitmap at byte ``bitmap_offset[e]``. With HASH an element is kept when its
+    key (``salt[e]``, ``kernels.triton.masks``) is at most its bound: ``bound[e]`` (DARE:
+    threshold - 1) or, ``grouped`` (DeltaDQ), the int32 bit pattern of its group's
+    ``keep``-th smallest key, (d_out, n_groups) per entry at ``bound_offset[e]``, groups of
+    ``dropout_group[e]`` columns. Kept values are stored
     in row-major mask order, row n's first at ``start[e * d_out + n]``: ``bits``-bit codes
     of a fine grid (``scale``/``zero`` per ``group_size[e]`` values) or floats (bits 0).
     """
 
     segments: Tensor
+    masks: SparseMasks
     grouped: bool
     bits: int
+    bitmap: Tensor
+    bitmap_offset: Tensor
     salt: Tensor
     bound: Tensor
     bound_offset: Tensor
@@ -181,7 +201,8 @@ class SparseStack:
 
     @property
     def nbytes(self) -> int:
-        tables = (self.bound, self.start, self.values, self.scale, self.zero)
+        mask = self.bitmap if self.masks is SparseMasks.BITMAP else self.bound
+        tables = (mask, self.start, self.values, self.scale, self.zero)
         return sum(t.numel() * t.element_size() for t in tables)
 
 
@@ -210,7 +231,12 @@ class DeltaStack:
         return total + sum(p.nbytes for p in self.sparse.values())
 
 
-def stack(deltas: Sequence[EncodedTensor], device: torch.device | str | None = None) -> DeltaStack:
+def stack(
+    deltas: Sequence[EncodedTensor],
+    device: torch.device | str | None = None,
+    *,
+    sparse_masks: SparseMasks = SparseMasks.BITMAP,
+) -> DeltaStack:
     """The device layout of several deltas of one layer (segment s = ``deltas[s]``)."""
     if not deltas:
         raise ValueError("stack needs at least one encoded delta")
@@ -230,7 +256,7 @@ def stack(deltas: Sequence[EncodedTensor], device: torch.device | str | None = N
         dev,
         _low_rank_stacks(low_rank, dev),
         _sign_stack(signs, d_out, dev) if signs else None,
-        _sparse_stacks(sparse, dev),
+        _sparse_stacks(sparse, dev, SparseMasks(sparse_masks)),
         dense,
         tuple(deltas),
     )
@@ -304,6 +330,7 @@ class _SparseSegment:
 
     segment: int
     grouped: bool
+    bitmap: Tensor
     salt: int
     bound: Tensor
     dropout_group: int
@@ -326,8 +353,8 @@ def _keys(shape: tuple[int, int], seed: int, device: torch.device) -> Tensor:
 
 
 def _group_bounds(keys: Tensor, group: int, keep: int) -> Tensor:
-    """(rows, n_groups) the ``keep``-th smallest key of each group (the tail its share),
-    as int32 bit patterns of the uint32 keys."""
+    """(rows, n_groups) int64: the ``keep``-th smallest key of each group (the tail: of
+    its share)."""
     rows, cols = keys.shape
     n_full = cols // group
     counts = group_keep_counts(cols, group, keep)
@@ -338,22 +365,43 @@ def _group_bounds(keys: Tensor, group: int, keep: int) -> Tensor:
     if len(counts) > n_full:
         tail = keys[:, n_full * group :]
         pieces.append(torch.kthvalue(tail, counts[-1], dim=1).values.unsqueeze(1))
-    bounds = torch.cat(pieces, dim=1)
-    return torch.where(bounds >= 1 << 31, bounds - (1 << 32), bounds).to(torch.int32)
+    return torch.cat(pieces, dim=1)
 
 
-def _mask_bounds(encoded: EncodedTensor, device: torch.device) -> tuple[bool, Tensor, Tensor, int]:
-    """(grouped, bounds, kept count per row, dropout group) of a seeded mask."""
+def _as_int32_bits(words: Tensor) -> Tensor:
+    """uint32 values held in int64 → int32 tensors of the same bits."""
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class _Mask:
+    """A seeded mask: the kept elements, and the bounds its keys are held to."""
+
+    kept: Tensor
+    grouped: bool
+    bound: Tensor
+    dropout_group: int
+
+
+def _mask(encoded: EncodedTensor, device: torch.device) -> _Mask:
     shape = (encoded.shape[0], encoded.shape[1])
     keys = _keys(shape, check_prng(encoded.params), device)
     if encoded.method == "dare":
         threshold = int(encoded.params["threshold"])
-        counts = (keys < threshold).sum(dim=1)
-        return False, torch.tensor([threshold - 1]), counts, 1
+        return _Mask(keys < threshold, False, torch.tensor([threshold - 1]), 1)
     group, keep = int(encoded.params["dropout_group"]), int(encoded.params["keep"])
-    per_row = sum(group_keep_counts(shape[1], group, keep))
-    counts = torch.full((shape[0],), per_row, dtype=torch.int64)
-    return True, _group_bounds(keys, group, keep), counts, group
+    bounds = _group_bounds(keys, group, keep)
+    kept = keys <= bounds.repeat_interleave(group, dim=1)[:, : shape[1]]
+    return _Mask(kept, True, _as_int32_bits(bounds), group)
+
+
+def _pack_bits(kept: Tensor) -> Tensor:
+    """A bool mask packed one bit per element, on its own device."""
+    if kept.device.type == "cuda":
+        from kernels.triton.codes import pack as device_pack
+
+        return device_pack(kept.to(torch.uint8), 1)
+    return pack(kept.to(torch.uint8), 1)
 
 
 def _kept_values(encoded: EncodedTensor, n_kept: int) -> tuple[Tensor, QuantSlab | None]:
@@ -376,27 +424,40 @@ def _kept_values(encoded: EncodedTensor, n_kept: int) -> tuple[Tensor, QuantSlab
     return slab.codes, slab
 
 
-def _sparse_segment(segment: int, encoded: EncodedTensor, device: torch.device) -> _SparseSegment:
-    grouped, bound, counts, group = _mask_bounds(encoded, device)
-    counts = counts.cpu()
+def _sparse_segment(
+    segment: int, encoded: EncodedTensor, device: torch.device, masks: SparseMasks
+) -> _SparseSegment:
+    mask = _mask(encoded, device)
+    counts = mask.kept.sum(dim=1).cpu()
     start = torch.cumsum(counts, 0) - counts
     values, slab = _kept_values(encoded, int(counts.sum()))
+    if masks is SparseMasks.BITMAP:
+        bitmap, bound = _pack_bits(mask.kept), torch.zeros(0, dtype=mask.bound.dtype)
+    else:
+        bitmap, bound = torch.zeros(0, dtype=torch.uint8), mask.bound
     salt = mask_salt(check_prng(encoded.params))
-    return _SparseSegment(segment, grouped, salt, bound, group, start, values, slab)
+    return _SparseSegment(
+        segment, mask.grouped, bitmap, salt, bound, mask.dropout_group, start, values, slab
+    )
 
 
 def _sparse_stacks(
-    deltas: Sequence[tuple[int, EncodedTensor]], device: torch.device
+    deltas: Sequence[tuple[int, EncodedTensor]], device: torch.device, masks: SparseMasks
 ) -> dict[tuple[bool, int], SparseStack]:
     per_kind: dict[tuple[bool, int], list[_SparseSegment]] = {}
     for segment, encoded in deltas:
-        entry = _sparse_segment(segment, encoded, device)
+        entry = _sparse_segment(segment, encoded, device, masks)
         per_kind.setdefault(entry.key, []).append(entry)
-    return {key: _sparse_stack(key, entries, device) for key, entries in sorted(per_kind.items())}
+    return {
+        key: _sparse_stack(key, entries, device, masks) for key, entries in sorted(per_kind.items())
+    }
 
 
 def _sparse_stack(
-    key: tuple[bool, int], entries: Sequence[_SparseSegment], device: torch.device
+    key: tuple[bool, int],
+    entries: Sequence[_SparseSegment],
+    device: torch.device,
+    masks: SparseMasks,
 ) -> SparseStack:
     grouped, bits = key
     slabs = [e.slab for e in entries if e.slab is not None]
@@ -404,10 +465,14 @@ def _sparse_stack(
     if any(e.values.dtype != value_dtype for e in entries):
         value_dtype = torch.float32
     bounds = [e.bound for e in entries]
+    bitmaps = [e.bitmap for e in entries]
     return SparseStack(
         _int_table([e.segment for e in entries], torch.int32, device),
+        masks,
         grouped,
         bits,
+        _concat(bitmaps, torch.uint8, device),
+        _int_table(_offsets(bitmaps), torch.int64, device),
         _int_table([e.salt for e in entries], torch.int64, device),
         _concat(bounds, torch.int32 if grouped else torch.int64, device),
         _int_table(_offsets(bounds), torch.int64, device),

@@ -62,20 +62,27 @@ def delta_linear_batched(
 
 
 def decode(
-    encoded: EncodedTensor,
+    encoded: EncodedTensor | DeltaStack,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """The dense ΔŴ of ``encoded`` at ``dtype`` on ``device`` (default CPU)."""
+    """The dense ΔŴ of ``encoded`` at ``dtype`` on ``device`` (default CPU), or of a
+    one-delta :class:`DeltaStack` on its own device."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"decode writes float16, bfloat16 or float32, not {dtype}")
-    target = torch.device(device or "cpu")
+    if isinstance(encoded, DeltaStack):
+        if encoded.n_segments != 1:
+            raise ValueError(f"decode takes one delta, the stack holds {encoded.n_segments}")
+        layout: DeltaStack | None = encoded
+        target, (encoding,) = encoded.device, encoded.encodings
+    else:
+        layout, target, encoding = None, torch.device(device or "cpu"), encoded
     if backend_for(torch.empty(0, device=target)) is Backend.REFERENCE:
-        return reference.decode(encoded).to(device=target, dtype=dtype)
+        return reference.decode(encoding).to(device=target, dtype=dtype)
     from kernels.triton import backend
 
-    return backend.decode(stack([encoded], target), dtype)
+    return backend.decode(layout or stack([encoding], target), dtype)
 
 
 def quantize(w: Tensor, params: QuantParams) -> Tensor:

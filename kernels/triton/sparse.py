@@ -1,11 +1,12 @@
-"""DARE and DeltaDQ: ``y += x·ΔŴᵀ`` with the seeded mask regenerated in the kernel, so the
-kept positions cost no bytes here either; and the dense decode.
+"""DARE and DeltaDQ: ``y += x·ΔŴᵀ`` as a sparse-quantized product, and the dense decode.
 
-Each program walks a block of output rows across ``d_in`` in tiles: it hashes the tile's
-linear indices (:mod:`.masks`), keeps the elements whose key is within their bound, numbers
-them in row-major order (a running count per row plus a cumulative sum across the tile,
-which is the order their values are stored in), dequantizes their codes and multiplies the
-tile, zeros where dropped, with ``tl.dot``.
+Each program walks a block of output rows across ``d_in`` in tiles: it reads which of the
+tile's elements are kept, from the layout's bitmap (1 bit per weight) or, with
+``SparseMasks.HASH``, by hashing their linear indices (:mod:`.masks`) against their bounds
+(fewer bytes, more integer work). It numbers the kept elements in row-major order (a
+running count per row plus a cumulative sum across the tile: the order their values are
+stored in), dequantizes their codes and multiplies the tile, zeros where dropped, with
+``tl.dot``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.layout import SparseStack
+from kernels.layout import SparseMasks, SparseStack
 from kernels.triton.codes import dot_dtype, load_codes, mma, rounded_to
 from kernels.triton.masks import keys_at
 from kernels.triton.segments import row_blocks, segment_rows
@@ -27,6 +28,9 @@ BLOCK_N, BLOCK_J = 32, 64
 
 @triton.jit
 def _kept_tile(
+    bitmap,
+    bitmap_offset,
+    bitmap_nbytes,
     salt,
     bound,
     bound_offset,
@@ -46,21 +50,27 @@ def _kept_tile(
     d_in,
     d_out,
     running,
+    FROM_BITMAP: tl.constexpr,
     GROUPED: tl.constexpr,
     BITS: tl.constexpr,
 ):
     """(values (BLOCK_N, BLOCK_J) fp32, zero where dropped; the rows' running kept counts
     after this tile) of columns ``j`` of rows ``n``."""
     ok = n_ok[:, None] & (j < d_in)[None, :]
-    key = keys_at(n[:, None].to(tl.int64) * d_in + j[None, :], tl.load(salt + entry).to(tl.uint32))
-    if GROUPED:
-        group = tl.load(dropout_group + entry)
-        at = tl.load(bound_offset + entry) + n[:, None].to(tl.int64) * tl.cdiv(d_in, group)
-        limit = tl.load(bound + at + j[None, :] // group, mask=ok, other=0)
-        limit = limit.to(tl.uint32, bitcast=True).to(tl.int64)
+    element = n[:, None].to(tl.int64) * d_in + j[None, :]
+    if FROM_BITMAP:
+        at = tl.load(bitmap_offset + entry)
+        kept = ok & (load_codes(bitmap + at, element, bitmap_nbytes - at, ok, 1) != 0)
     else:
-        limit = tl.load(bound + entry)
-    kept = ok & (key <= limit)
+        key = keys_at(element, tl.load(salt + entry).to(tl.uint32))
+        if GROUPED:
+            group = tl.load(dropout_group + entry)
+            at = tl.load(bound_offset + entry) + n[:, None].to(tl.int64) * tl.cdiv(d_in, group)
+            limit = tl.load(bound + at + j[None, :] // group, mask=ok, other=0)
+            limit = limit.to(tl.uint32, bitcast=True).to(tl.int64)
+        else:
+            limit = tl.load(bound + entry)
+        kept = ok & (key <= limit)
     count = kept.to(tl.int32)
     first = tl.load(start + entry * d_out + n, mask=n_ok, other=0)
     index = first[:, None] + (running[:, None] + tl.cumsum(count, axis=1) - count)
@@ -84,6 +94,9 @@ def _sparse_product_kernel(
     y_stride,
     row_offsets,
     stack_segments,
+    bitmap,
+    bitmap_offset,
+    bitmap_nbytes,
     salt,
     bound,
     bound_offset,
@@ -98,6 +111,7 @@ def _sparse_product_kernel(
     group_size,
     d_in,
     d_out,
+    FROM_BITMAP: tl.constexpr,
     GROUPED: tl.constexpr,
     BITS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -118,9 +132,9 @@ def _sparse_product_kernel(
     for j_start in range(0, d_in, BLOCK_J):
         j = j_start + tl.arange(0, BLOCK_J)
         w, running = _kept_tile(
-            salt, bound, bound_offset, dropout_group, start, values, value_offset,
-            values_nbytes, scale, zero, param_offset, group_size, entry, n, n_ok, j, d_in,
-            d_out, running, GROUPED, BITS,
+            bitmap, bitmap_offset, bitmap_nbytes, salt, bound, bound_offset, dropout_group,
+            start, values, value_offset, values_nbytes, scale, zero, param_offset, group_size,
+            entry, n, n_ok, j, d_in, d_out, running, FROM_BITMAP, GROUPED, BITS,
         )  # fmt: skip
         a = tl.load(
             x + rows[:, None].to(tl.int64) * x_stride + j[None, :],
@@ -137,6 +151,9 @@ def _sparse_product_kernel(
 @triton.jit
 def _sparse_decode_kernel(
     out,
+    bitmap,
+    bitmap_offset,
+    bitmap_nbytes,
     salt,
     bound,
     bound_offset,
@@ -152,6 +169,7 @@ def _sparse_decode_kernel(
     entry,
     d_in,
     d_out,
+    FROM_BITMAP: tl.constexpr,
     GROUPED: tl.constexpr,
     BITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -163,9 +181,9 @@ def _sparse_decode_kernel(
     for j_start in range(0, d_in, BLOCK_J):
         j = j_start + tl.arange(0, BLOCK_J)
         w, running = _kept_tile(
-            salt, bound, bound_offset, dropout_group, start, values, value_offset,
-            values_nbytes, scale, zero, param_offset, group_size, entry, n, n_ok, j, d_in,
-            d_out, running, GROUPED, BITS,
+            bitmap, bitmap_offset, bitmap_nbytes, salt, bound, bound_offset, dropout_group,
+            start, values, value_offset, values_nbytes, scale, zero, param_offset, group_size,
+            entry, n, n_ok, j, d_in, d_out, running, FROM_BITMAP, GROUPED, BITS,
         )  # fmt: skip
         target = out + n[:, None].to(tl.int64) * d_in + j[None, :]
         tl.store(
@@ -175,6 +193,9 @@ def _sparse_decode_kernel(
 
 def _stack_args(stack: SparseStack) -> tuple[Tensor | int, ...]:
     return (
+        stack.bitmap,
+        stack.bitmap_offset,
+        stack.bitmap.numel(),
         stack.salt,
         stack.bound,
         stack.bound_offset,
@@ -207,6 +228,7 @@ def add_sparse(
         *_stack_args(stack),
         d_in,
         d_out,
+        FROM_BITMAP=stack.masks is SparseMasks.BITMAP,
         GROUPED=stack.grouped,
         BITS=stack.bits,
         DOT_DTYPE=dot_dtype(x.dtype),
@@ -228,6 +250,7 @@ def decode_sparse(
         entry,
         d_in,
         d_out,
+        FROM_BITMAP=stack.masks is SparseMasks.BITMAP,
         GROUPED=stack.grouped,
         BITS=stack.bits,
         BLOCK_N=BLOCK_N,

@@ -16,7 +16,7 @@ import kernels
 from compressor_svc.methods.base import compress
 from kernels import reference
 from kernels.dispatch import BACKEND_ENV, Backend, backend_for
-from kernels.layout import stack
+from kernels.layout import SparseMasks, stack
 from kernels.reference import EncodedTensor
 from kernels.triton.lowrank import add_low_rank
 from kernels.triton.segments import row_offsets
@@ -101,6 +101,23 @@ def test_delta_linear_matches_reference(name: str, dtype: torch.dtype) -> None:
     x, w_base, bias = _inputs(5, SHAPE, dtype, seed=len(name))
     actual = kernels.delta_linear(x, w_base, encoded, bias)
     _assert_close(actual, _reference_linear(x, w_base, encoded, bias), dtype)
+
+
+SPARSE = sorted(name for name in FORMATS if name.startswith(("dare", "deltadq")))
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_hashed_masks_give_what_bitmaps_give(name: str) -> None:
+    encoded = FORMATS[name]
+    hashed = stack([encoded], sparse_masks=SparseMasks.HASH)
+    if encoded.method == "dare":  # DeltaDQ's hashed masks pay 32 bits per dropout group
+        assert hashed.nbytes < stack([encoded]).nbytes
+    x, w_base, bias = _inputs(3, SHAPE, torch.float32, seed=4)
+    actual = kernels.delta_linear(x, w_base, hashed, bias)
+    _assert_close(actual, _reference_linear(x, w_base, encoded, bias), torch.float32)
+    torch.testing.assert_close(
+        kernels.decode(hashed), reference.decode(encoded), rtol=1e-6, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("rows", [1, 17, 70])
