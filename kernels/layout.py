@@ -117,6 +117,9 @@ class QuantRows:
     param_offset: Tensor
     rows: Tensor
     group_size: Tensor
+    max_rows: int
+    """The most rows of any segment, kept on the host: launches size their grids by it
+    without a device sync."""
 
     @classmethod
     def of(cls, bits: int, slabs: Sequence[QuantSlab], device: torch.device) -> QuantRows:
@@ -129,11 +132,8 @@ class QuantRows:
             _int_table(_offsets([s.scale for s in slabs]), torch.int64, device),
             _int_table([s.rows for s in slabs], torch.int32, device),
             _int_table([s.group_size for s in slabs], torch.int32, device),
+            max((s.rows for s in slabs), default=0),
         )
-
-    @property
-    def max_rows(self) -> int:
-        return int(self.rows.max()) if self.rows.numel() else 0
 
     @property
     def nbytes(self) -> int:
@@ -161,10 +161,6 @@ class SignStack:
     levels: Tensor
     scale: Tensor
     scale_offset: Tensor
-
-    @property
-    def max_levels(self) -> int:
-        return int(self.levels.max())
 
 
 @dataclass(frozen=True)

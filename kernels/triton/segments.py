@@ -8,6 +8,7 @@ the segment it serves.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -28,9 +29,16 @@ def segment_rows(row_offsets, segments, entry, block, BLOCK_M: tl.constexpr):
 
 
 def row_offsets(rows_per_segment: Sequence[int], device: torch.device) -> Tensor:
-    """The (n_segments + 1,) int64 offsets of consecutive row groups of these sizes."""
+    """The (n_segments + 1,) int64 offsets of consecutive row groups of these sizes, on
+    ``device``. Kernels only read them, so each routing is copied to the device once: a
+    fresh host-to-device copy per call would wait for the stream's queued work."""
     if any(r < 0 for r in rows_per_segment):
         raise ValueError(f"row counts must be ≥ 0, got {list(rows_per_segment)}")
+    return _device_offsets(tuple(rows_per_segment), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_offsets(rows_per_segment: tuple[int, ...], device: torch.device) -> Tensor:
     offsets = [0]
     for rows in rows_per_segment:
         offsets.append(offsets[-1] + rows)
