@@ -3,11 +3,12 @@
 :func:`stack` turns the encodings of one layer's deltas (one per fine-tune, all of the base
 layer's shape) into a :class:`DeltaStack`: each format's payload moved to the device once,
 the deltas' buffers back to back with per-delta offset tables, so one launch serves every
-delta of a format. Codes stay packed as stored; only scales and zeros become fp32 (so that
-deltas with fp16 and bf16 scales share a buffer) and a few derived index tables are added:
+delta of a format, whatever its code widths. Codes stay packed as stored; only scales and
+zeros become fp32 (so that deltas with fp16 and bf16 scales share a buffer) and a few
+derived index tables are added:
 
-- low-rank (``adamix``, ``deltacome``): per code width, V̂ᵀ and Ûᵀ rows of every delta and
-  their sigma; the product is (x·V̂ᵀ·diag(sigma))·Ûᵀ.
+- low-rank (``adamix``, ``deltacome``): V̂ᵀ and Ûᵀ rows of every delta's every code width
+  (a bucket each) and their sigma; the product is (x·V̂ᵀ·diag(sigma))·Ûᵀ.
 - sign (``bitdelta``): the sign bits and per-row scales of every level.
 - sparse (``dare``, ``deltadq``): the seeded mask as a bitmap, or left for the kernels
   to regenerate from its hash (:class:`SparseMasks`), and each row's first value index.
@@ -107,9 +108,9 @@ class QuantSlab:
 
 @dataclass(frozen=True)
 class QuantRows:
-    """Quantized matrices of several segments (``rows[s]`` x a shared width) back to back."""
+    """Quantized matrices, one per bucket (``rows[e]`` x a shared width, ``bits[e]``-bit
+    codes), back to back."""
 
-    bits: int
     codes: Tensor
     code_offset: Tensor
     scale: Tensor
@@ -117,14 +118,13 @@ class QuantRows:
     param_offset: Tensor
     rows: Tensor
     group_size: Tensor
-    max_rows: int
-    """The most rows of any segment, kept on the host: launches size their grids by it
-    without a device sync."""
+    bits: Tensor
+    widths: tuple[int, ...]
+    """``bits`` on the host, for launches and decodes that need them without a sync."""
 
     @classmethod
-    def of(cls, bits: int, slabs: Sequence[QuantSlab], device: torch.device) -> QuantRows:
+    def of(cls, slabs: Sequence[QuantSlab], device: torch.device) -> QuantRows:
         return cls(
-            bits,
             _concat([s.codes for s in slabs], torch.uint8, device),
             _int_table(_offsets([s.codes for s in slabs]), torch.int64, device),
             _concat([s.scale for s in slabs], torch.float32, device),
@@ -132,7 +132,8 @@ class QuantRows:
             _int_table(_offsets([s.scale for s in slabs]), torch.int64, device),
             _int_table([s.rows for s in slabs], torch.int32, device),
             _int_table([s.group_size for s in slabs], torch.int32, device),
-            max((s.rows for s in slabs), default=0),
+            _int_table([s.bits for s in slabs], torch.int32, device),
+            tuple(s.bits for s in slabs),
         )
 
     @property
@@ -142,13 +143,29 @@ class QuantRows:
 
 @dataclass(frozen=True)
 class LowRankStack:
-    """Pairs of one code width b: segment s holds ``v.rows[s]`` pairs (0: none at b)."""
+    """Every low-rank delta's pairs as buckets: bucket e holds ``v.rows[e]`` pairs of one
+    code width of segment ``bucket_segment[e]``, their T columns from ``t_column[e]``.
 
-    segments: Tensor
+    The first product runs one bucket per program group; the second one segment per group
+    (``segments``, its buckets ``bucket_first[g]`` to ``bucket_first[g + 1]``), so that all
+    of a segment's widths add into its rows of y in one program, in one launch.
+    """
+
+    bucket_segment: Tensor
+    t_column: Tensor
     v: QuantRows
     u: QuantRows
     sigma: Tensor
     sigma_offset: Tensor
+    segments: Tensor
+    bucket_first: Tensor
+    max_bucket_rank: int
+    max_rank: int
+    """Host-side sizes of the grids and of T, the most pairs of any bucket and delta."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.v.nbytes + self.u.nbytes + self.sigma.numel() * 4
 
 
 @dataclass(frozen=True)
@@ -209,7 +226,7 @@ class DeltaStack:
     shape: tuple[int, int]
     n_segments: int
     device: torch.device
-    low_rank: dict[int, LowRankStack] = field(default_factory=dict)
+    low_rank: LowRankStack | None = None
     signs: SignStack | None = None
     sparse: dict[tuple[bool, int], SparseStack] = field(default_factory=dict)
     dense: dict[int, Tensor] = field(default_factory=dict)
@@ -220,8 +237,8 @@ class DeltaStack:
     def nbytes(self) -> int:
         """Bytes the delta products read from the stack (the payload the floor counts)."""
         total = sum(d.numel() * d.element_size() for d in self.dense.values())
-        for s in self.low_rank.values():
-            total += s.v.nbytes + s.u.nbytes + s.sigma.numel() * 4
+        if self.low_rank is not None:
+            total += self.low_rank.nbytes
         if self.signs is not None:
             total += self.signs.signs.numel() + self.signs.scale.numel() * 4
         return total + sum(p.nbytes for p in self.sparse.values())
@@ -250,7 +267,7 @@ def stack(
         (d_out, d_in),
         len(deltas),
         dev,
-        _low_rank_stacks(low_rank, dev),
+        _low_rank_stack(low_rank, dev) if low_rank else None,
         _sign_stack(signs, d_out, dev) if signs else None,
         _sparse_stacks(sparse, dev, SparseMasks(sparse_masks)),
         dense,
@@ -265,10 +282,11 @@ def _widths(encoded: EncodedTensor) -> list[int]:
     return [int(b) for b in encoded.params["widths"].split(",") if b]
 
 
-def _low_rank_stacks(
+def _low_rank_stack(
     deltas: Sequence[tuple[int, EncodedTensor]], device: torch.device
-) -> dict[int, LowRankStack]:
-    per_width: dict[int, list[tuple[int, QuantSlab, QuantSlab, Tensor]]] = {}
+) -> LowRankStack:
+    buckets: list[tuple[int, int, QuantSlab, QuantSlab, Tensor]] = []
+    bucket_first, ranks = [0], []
     for segment, encoded in deltas:
         group_size = int(encoded.params["group_size"])
         sigma = encoded.part("sigma").floats()
@@ -278,20 +296,24 @@ def _low_rank_stacks(
             u = QuantSlab.read(encoded, f"u{bits}", group_size)
             if v.rows != u.rows:
                 raise ValueError(f"{bits}-bit bucket: {v.rows} rows of V̂ᵀ, {u.rows} of Ûᵀ")
-            per_width.setdefault(bits, []).append((segment, v, u, sigma[start : start + v.rows]))
+            buckets.append((segment, start, v, u, sigma[start : start + v.rows]))
             start += v.rows
         if start != sigma.numel():
             raise ValueError(f"{sigma.numel()} singular values stored for {start} pairs")
-    return {
-        bits: LowRankStack(
-            _int_table([e[0] for e in entries], torch.int32, device),
-            QuantRows.of(bits, [e[1] for e in entries], device),
-            QuantRows.of(bits, [e[2] for e in entries], device),
-            _concat([e[3] for e in entries], torch.float32, device),
-            _int_table(_offsets([e[3] for e in entries]), torch.int64, device),
-        )
-        for bits, entries in sorted(per_width.items())
-    }
+        bucket_first.append(len(buckets))
+        ranks.append(start)
+    return LowRankStack(
+        _int_table([b[0] for b in buckets], torch.int32, device),
+        _int_table([b[1] for b in buckets], torch.int32, device),
+        QuantRows.of([b[2] for b in buckets], device),
+        QuantRows.of([b[3] for b in buckets], device),
+        _concat([b[4] for b in buckets], torch.float32, device),
+        _int_table(_offsets([b[4] for b in buckets]), torch.int64, device),
+        _int_table([segment for segment, _ in deltas], torch.int32, device),
+        _int_table(bucket_first, torch.int32, device),
+        max((b[2].rows for b in buckets), default=0),
+        max(ranks, default=0),
+    )
 
 
 # ---- signs -------------------------------------------------------------------------------

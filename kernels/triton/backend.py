@@ -22,8 +22,8 @@ def delta_linear(
 ) -> Tensor:
     y = F.linear(x, w_base, None if bias is None else bias.to(x.dtype)).contiguous()
     offsets = row_offsets(rows, x.device)
-    for low_rank in deltas.low_rank.values():
-        add_low_rank(x, y, offsets, rows, low_rank)
+    if deltas.low_rank is not None:
+        add_low_rank(x, y, offsets, rows, deltas.low_rank)
     if deltas.signs is not None:
         add_signs(x, y, offsets, rows, deltas.signs)
     for sparse in deltas.sparse.values():
@@ -35,18 +35,15 @@ def delta_linear(
     return y
 
 
-def _dequantize_rows(q: QuantRows, entry: int, cols: int) -> Tensor:
-    rows, at = int(q.rows[entry]), int(q.param_offset[entry])
-    n_groups = -(-cols // int(q.group_size[entry]))
-    grid = (
-        q.scale[at : at + rows * n_groups],
-        q.zero[at : at + rows * n_groups],
-        int(q.group_size[entry]),
-        0.0,
-        True,
-    )
+def _dequantize_rows(q: QuantRows, bucket: int, cols: int) -> Tensor:
+    """Bucket ``bucket``'s (rows, cols) matrix, fp32."""
+    rows, at = int(q.rows[bucket]), int(q.param_offset[bucket])
+    group = int(q.group_size[bucket])
+    n_groups = -(-cols // group)
+    grid = (q.scale[at : at + rows * n_groups], q.zero[at : at + rows * n_groups], group, 0.0, True)
     out = torch.empty(rows, cols, dtype=torch.float32, device=q.codes.device)
-    return decode_stream(q.codes[int(q.code_offset[entry]) :], q.bits, out, cols, grid)
+    stream = q.codes[int(q.code_offset[bucket]) :]
+    return decode_stream(stream, q.widths[bucket], out, cols, grid)
 
 
 def decode(deltas: DeltaStack, dtype: torch.dtype) -> Tensor:
@@ -60,9 +57,13 @@ def decode(deltas: DeltaStack, dtype: torch.dtype) -> Tensor:
         return decode_sparse(sparse, 0, deltas.shape, dtype)
     d_out, d_in = deltas.shape
     out = torch.zeros(deltas.shape, dtype=torch.float32, device=deltas.device)
-    for low_rank in deltas.low_rank.values():
-        v_hat = _dequantize_rows(low_rank.v, 0, d_in)
-        u_hat_t = _dequantize_rows(low_rank.u, 0, d_out)
-        sigma = low_rank.sigma[: v_hat.shape[0]]
-        out += (u_hat_t.T * sigma) @ v_hat
+    low_rank = deltas.low_rank
+    assert low_rank is not None, "a one-delta stack holds exactly one format"
+    start = 0
+    for bucket in range(low_rank.bucket_segment.numel()):
+        v_hat = _dequantize_rows(low_rank.v, bucket, d_in)
+        u_hat_t = _dequantize_rows(low_rank.u, bucket, d_out)
+        stop = start + v_hat.shape[0]
+        out += (u_hat_t.T * low_rank.sigma[start:stop]) @ v_hat
+        start = stop
     return out.to(dtype)

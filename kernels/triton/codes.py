@@ -29,14 +29,21 @@ DECODE_BLOCK = 4096
 @triton.jit
 def load_codes(stream, index, nbytes, mask, BITS: tl.constexpr):
     """int32 codes at int64 ``index`` of a packed stream of ``nbytes`` bytes (0 where not
-    ``mask``). A code of a width that does not divide 8 may straddle two bytes."""
-    bit = index * BITS
+    ``mask``), ``BITS`` wide."""
+    return load_codes_of_width(stream, index, nbytes, mask, BITS, 8 % BITS != 0)
+
+
+@triton.jit
+def load_codes_of_width(stream, index, nbytes, mask, bits, STRADDLES: tl.constexpr):
+    """:func:`load_codes` for a width known only at run time (``STRADDLES`` True: a code
+    may straddle two bytes, as every width that does not divide 8 does)."""
+    bit = index * bits
     byte = bit >> 3
     word = tl.load(stream + byte, mask=mask, other=0).to(tl.int32)
-    if 8 % BITS != 0:
+    if STRADDLES:
         high = tl.load(stream + byte + 1, mask=mask & (byte + 1 < nbytes), other=0)
         word = word | (high.to(tl.int32) << 8)
-    return (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
+    return (word >> (bit & 7).to(tl.int32)) & ((1 << bits) - 1)
 
 
 @triton.jit

@@ -84,10 +84,12 @@ def traffic(layout: DeltaStack, shape: tuple[int, int], batch: int) -> Traffic:
     d_out, d_in = shape
     activations = batch * (d_in + d_out) * FP16
     base = d_out * d_in * FP16 + activations
-    low_rank = sum(batch * s.v.max_rows * 4 * 2 for s in layout.low_rank.values())
-    # The delta products read x again and read-modify-write y once per launch.
-    launches = len(layout.low_rank) + (layout.signs is not None) + len(layout.sparse)
-    extra = launches * batch * (d_in + 2 * d_out) * FP16 + low_rank
+    # The delta products read x again and read-modify-write y once per launch; low rank
+    # also writes and reads T (fp32, batch x rank).
+    low_rank = layout.low_rank
+    t_bytes = 0 if low_rank is None else batch * low_rank.max_rank * 4 * 2
+    launches = (low_rank is not None) + (layout.signs is not None) + len(layout.sparse)
+    extra = launches * batch * (d_in + 2 * d_out) * FP16 + t_bytes
     return Traffic(base, base + layout.nbytes + extra, layout.nbytes + d_out * d_in * FP16)
 
 
