@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -182,16 +182,16 @@ class SignStack:
 
 @dataclass(frozen=True)
 class SparseStack:
-    """Seeded-mask deltas of one kind and value width, the mask left to the kernels.
+    """Seeded-mask deltas of one kind (``grouped``: DeltaDQ) and one value width.
 
     With ``masks`` BITMAP the kept elements of entry e are the set bits of its packed
     (d_out, d_in) bitmap at byte ``bitmap_offset[e]``. With HASH an element is kept when its
     key (``salt[e]``, ``kernels.triton.masks``) is at most its bound: ``bound[e]`` (DARE:
-    threshold - 1) or, ``grouped`` (DeltaDQ), the int32 bit pattern of its group's
-    ``keep``-th smallest key, (d_out, n_groups) per entry at ``bound_offset[e]``, groups of
-    ``dropout_group[e]`` columns. Kept values are stored
-    in row-major mask order, row n's first at ``start[e * d_out + n]``: ``bits``-bit codes
-    of a fine grid (``scale``/``zero`` per ``group_size[e]`` values) or floats (bits 0).
+    threshold - 1) or, for DeltaDQ, the int32 bit pattern of its group's ``keep``-th
+    smallest key, (d_out, n_groups) per entry at ``bound_offset[e]``, groups of
+    ``dropout_group[e]`` columns. Kept values are stored in row-major mask order, row n's
+    first at ``start[e * d_out + n]``: ``bits``-bit codes of a fine grid (``scale`` and
+    ``zero`` per ``group_size[e]`` values) or floats (``bits`` 0).
     """
 
     segments: Tensor
@@ -226,11 +226,13 @@ class DeltaStack:
     shape: tuple[int, int]
     n_segments: int
     device: torch.device
-    low_rank: LowRankStack | None = None
-    signs: SignStack | None = None
-    sparse: dict[tuple[bool, int], SparseStack] = field(default_factory=dict)
-    dense: dict[int, Tensor] = field(default_factory=dict)
-    encodings: tuple[EncodedTensor, ...] = ()
+    low_rank: LowRankStack | None
+    signs: SignStack | None
+    sparse: dict[tuple[bool, int], SparseStack]
+    """Keyed by (grouped, value width)."""
+    dense: dict[int, Tensor]
+    """Decoded deltas by segment."""
+    encodings: tuple[EncodedTensor, ...]
     """The encodings the stack was made from (what the reference backend decodes)."""
 
     @property

@@ -2,7 +2,7 @@
 
 - :func:`delta_linear` ``= x·W_baseᵀ + x·ΔŴᵀ (+ bias)`` without materialising ΔŴ;
   :func:`delta_linear_batched` does it for several fine-tunes of one base at once, each
-  delta applied to its own rows of ``x`` (one launch per format and code width);
+  delta applied to its own rows of ``x`` (one launch per format, two for low rank);
 - :func:`decode`: the dense ΔŴ of an encoding, at fp16, bf16 or fp32, on any device;
 - :func:`quantize`, :func:`quantize_packed`, :func:`pack`, :func:`unpack`,
   :func:`dequantize`, and the parts they make (:func:`code_part`,
@@ -52,13 +52,19 @@ def delta_linear_batched(
 ) -> Tensor:
     """Several fine-tunes of one base in one pass: ``x`` (M, d_in) holds ``rows[s]``
     consecutive rows for delta s, and row i of the result is ``x_i·(W_base + ΔŴ_s)ᵀ``."""
-    deltas = _as_stack(deltas, x.device)
-    _check_linear(x, w_base, bias, deltas, rows)
+    if isinstance(deltas, DeltaStack):
+        if deltas.device != x.device:
+            raise ValueError(f"the delta stack is on {deltas.device}, x on {x.device}")
+        encodings = deltas.encodings
+    else:
+        encodings = (deltas,) if isinstance(deltas, EncodedTensor) else tuple(deltas)
+    _check_linear(x, w_base, bias, encodings, rows)
     if backend_for(x, w_base) is Backend.REFERENCE:
-        return _reference_linear(x, w_base, deltas.encodings, rows, bias)
+        return _reference_linear(x, w_base, encodings, rows, bias)
     from kernels.triton import backend
 
-    return backend.delta_linear(x.contiguous(), w_base, deltas, rows, bias)
+    layout = deltas if isinstance(deltas, DeltaStack) else stack(encodings, x.device)
+    return backend.delta_linear(x.contiguous(), w_base, layout, rows, bias)
 
 
 def decode(
@@ -141,18 +147,12 @@ def dequantize(codes: Tensor, params: QuantParams) -> Tensor:
 # ---- checks and the reference ----------------------------------------------------------
 
 
-def _as_stack(
-    deltas: DeltaStack | EncodedTensor | Sequence[EncodedTensor], device: torch.device
-) -> DeltaStack:
-    if isinstance(deltas, DeltaStack):
-        if deltas.device != device:
-            raise ValueError(f"the delta stack is on {deltas.device}, x on {device}")
-        return deltas
-    return stack([deltas] if isinstance(deltas, EncodedTensor) else list(deltas), device)
-
-
 def _check_linear(
-    x: Tensor, w_base: Tensor, bias: Tensor | None, deltas: DeltaStack, rows: Sequence[int]
+    x: Tensor,
+    w_base: Tensor,
+    bias: Tensor | None,
+    encodings: Sequence[EncodedTensor],
+    rows: Sequence[int],
 ) -> None:
     if x.dtype not in FLOAT_DTYPES or w_base.dtype != x.dtype:
         raise ValueError(
@@ -164,13 +164,14 @@ def _check_linear(
             f"x (M, d_in) and w_base (d_out, d_in) must agree, got {tuple(x.shape)} and "
             f"{tuple(w_base.shape)}"
         )
-    if tuple(w_base.shape) != deltas.shape:
-        raise ValueError(f"w_base is {tuple(w_base.shape)}, the deltas are {deltas.shape}")
+    shapes = sorted({tuple(e.shape) for e in encodings})
+    if shapes != [tuple(w_base.shape)]:
+        raise ValueError(f"w_base is {tuple(w_base.shape)}, the deltas are {shapes}")
     if bias is not None and tuple(bias.shape) != (w_base.shape[0],):
         raise ValueError(f"bias must be ({w_base.shape[0]},), got {tuple(bias.shape)}")
-    if len(rows) != deltas.n_segments or sum(rows) != x.shape[0] or min(rows, default=0) < 0:
+    if len(rows) != len(encodings) or sum(rows) != x.shape[0] or min(rows, default=0) < 0:
         raise ValueError(
-            f"rows {list(rows)} must give each of the {deltas.n_segments} deltas its count of "
+            f"rows {list(rows)} must give each of the {len(encodings)} deltas its count of "
             f"x's {x.shape[0]} rows"
         )
 
