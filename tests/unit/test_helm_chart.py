@@ -1,0 +1,220 @@
+"""The helm chart, rendered by Helm's own engine (helm-python-sdk binds Helm v4's library):
+it lints clean in strict mode, every manifest validates against the Kubernetes schemas,
+the values schema refuses bad values, and the wiring between values and pods holds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from compressor_svc.config import CompressorConfig
+from store_svc.config import StoreConfig
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "deltavault"
+SCENARIOS = sorted((CHART / "ci").glob("*.yaml"))
+KUBE_VERSION = "1.30.0"
+RELEASE, NAMESPACE = "dv", "ml"
+CUSTOM_RESOURCES = {"monitoring.coreos.com/v1"}
+"""API groups the Kubernetes schemas do not cover (the Prometheus Operator's CRDs)."""
+
+
+def _values(scenario: Path | None) -> dict[str, Any]:
+    loaded: dict[str, Any] = {} if scenario is None else yaml.safe_load(scenario.read_text())
+    return loaded
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every manifest the chart renders for ``values`` (NOTES.txt aside)."""
+    chart = helm_python.Chart.load(str(CHART))
+    files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [
+        doc
+        for path, text in sorted(files.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def _find(manifests: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    return found
+
+
+def _container(manifests: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    deployment = _find(manifests, "Deployment", f"{RELEASE}-deltavault-{component}")
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = containers
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def _scenario_ids() -> Iterator[Any]:
+    yield pytest.param(None, id="defaults")
+    for path in SCENARIOS:
+        yield pytest.param(path, id=path.stem)
+
+
+@pytest.mark.parametrize("scenario", list(_scenario_ids()))
+def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
+    values = _values(scenario)
+    chart = helm_python.Chart.load(str(CHART))
+    chart.validate_schema(values)
+    if scenario is None:
+        report = helm_python.lint(str(CHART), strict=True, kube_version=f"v{KUBE_VERSION}")
+        assert report["errors"] == []
+        assert all(m["severity"] <= 1 for m in report["messages"]), report["messages"]
+    manifests = render(values)
+    assert manifests
+    for manifest in manifests:
+        if manifest["apiVersion"] in CUSTOM_RESOURCES:
+            continue
+        kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"store": {"port": "grpc"}},
+        {"store": {"replicas": 2}},
+        {"compressor": {"gpu": {"enabled": "yes"}}},
+        {"minio": {"enabled": False}},
+        {"s3": {"bucket": "Not_A_Bucket"}},
+        {"s3": {"endpoint": "https://s3.example.com"}},
+        {"unknown": True},
+    ],
+    ids=["port-type", "two-stores", "gpu-flag", "no-endpoint", "bucket", "scheme", "unknown"],
+)
+def test_values_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(helm_python.HelmError):
+        helm_python.Chart.load(str(CHART)).validate_schema(bad)
+
+
+def test_probes_use_the_grpc_health_service() -> None:
+    manifests = render({})
+    for component, port in (("store", 50061), ("compressor", 50062)):
+        container = _container(manifests, component)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, (component, probe)
+        assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == port
+
+
+def test_store_environment_follows_the_values() -> None:
+    values = _values(CHART / "ci" / "external-s3.yaml")
+    env = _env(_container(render(values), "store"))
+    s3 = values["s3"]
+    assert env["DELTAVAULT_STORE_BACKEND"] == "s3"
+    assert env["DELTAVAULT_STORE_ENDPOINT"] == s3["endpoint"]
+    assert env["DELTAVAULT_STORE_BUCKET"] == s3["bucket"]
+    assert env["DELTAVAULT_STORE_REGION"] == s3["region"]
+    assert env["DELTAVAULT_STORE_PREFIX"] == s3["prefix"]
+    assert env["DELTAVAULT_STORE_NO_CREATE_BUCKET"] == "true"
+    assert env["DELTAVAULT_STORE_HOST"] == "0.0.0.0"
+    for variable, key in (
+        ("DELTAVAULT_STORE_ACCESS_KEY", s3["accessKeyKey"]),
+        ("DELTAVAULT_STORE_SECRET_KEY", s3["secretKeyKey"]),
+    ):
+        assert env[variable] == {"secretKeyRef": {"name": s3["existingSecret"], "key": key}}
+
+
+def test_bundled_minio_credentials_are_referenced_not_inlined() -> None:
+    manifests = render({})
+    secret_name = f"{RELEASE}-deltavault-minio"
+    secret = _find(manifests, "Secret", secret_name)
+    env = _env(_container(manifests, "store"))
+    assert env["DELTAVAULT_STORE_ENDPOINT"] == f"{secret_name}:9000"
+    assert env["DELTAVAULT_STORE_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": secret_name, "key": "root-user"}
+    }
+    inlined = set(secret["data"].values())
+    for manifest in manifests:
+        if manifest["kind"] != "Secret":
+            assert not inlined & set(_strings(manifest)), manifest["kind"]
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+def test_compressor_finds_the_store_and_its_gpu() -> None:
+    manifests = render(_values(CHART / "ci" / "gpu-compressor.yaml"))
+    container = _container(manifests, "compressor")
+    env = _env(container)
+    assert env["DELTAVAULT_COMPRESSOR_STORE"] == f"{RELEASE}-deltavault-store:50061"
+    assert env["DELTAVAULT_COMPRESSOR_DEVICE"] == "cuda"
+    assert container["image"].endswith("-cuda")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    pod = _find(manifests, "Deployment", f"{RELEASE}-deltavault-compressor")["spec"]
+    assert pod["replicas"] == 2
+    assert pod["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert not [m for m in manifests if m["kind"] == "HorizontalPodAutoscaler"]
+
+
+def test_s3_tls_trusts_the_ca_from_its_secret() -> None:
+    manifests = render(_values(CHART / "ci" / "s3-tls.yaml"))
+    container = _container(manifests, "store")
+    env = _env(container)
+    assert env["DELTAVAULT_STORE_SECURE"] == "true"
+    assert env["SSL_CERT_FILE"] == "/etc/deltavault/s3-ca/ca.crt"
+    volumes = _find(manifests, "Deployment", f"{RELEASE}-deltavault-store")["spec"]["template"][
+        "spec"
+    ]["volumes"]
+    assert {"name": "s3-ca", "secret": {"secretName": "internal-ca"}} in volumes
+
+
+def test_monitoring_swaps_annotations_for_a_service_monitor() -> None:
+    plain = render({})
+    assert (
+        _find(plain, "Deployment", f"{RELEASE}-deltavault-store")["spec"]["template"]["metadata"][
+            "annotations"
+        ]["prometheus.io/port"]
+        == "9461"
+    )
+    monitored = render(_values(CHART / "ci" / "monitoring.yaml"))
+    monitor = _find(monitored, "ServiceMonitor", f"{RELEASE}-deltavault")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    template = _find(monitored, "Deployment", f"{RELEASE}-deltavault-store")["spec"]["template"]
+    assert "annotations" not in template["metadata"]
+    service = _find(monitored, "Service", f"{RELEASE}-deltavault-store")
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+
+
+def test_pods_run_locked_down() -> None:
+    for manifest in render({}):
+        if manifest["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = manifest["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert "limits" in container["resources"]
+
+
+def test_chart_defaults_match_the_services() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    store, compressor = StoreConfig.__dataclass_fields__, CompressorConfig.__dataclass_fields__
+    assert values["store"]["port"] == store["port"].default
+    assert values["store"]["metricsPort"] == store["metrics_port"].default
+    assert values["compressor"]["port"] == compressor["port"].default
+    assert values["compressor"]["metricsPort"] == compressor["metrics_port"].default
