@@ -164,6 +164,9 @@ def test_compressor_finds_the_store_and_its_gpu() -> None:
     assert pod["replicas"] == 2
     assert pod["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert not [m for m in manifests if m["kind"] == "HorizontalPodAutoscaler"]
+    headless = _find(manifests, "Service", f"{RELEASE}-deltavault-compressor-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"]["app.kubernetes.io/component"] == "compressor"
 
 
 def test_s3_tls_trusts_the_ca_from_its_secret() -> None:
@@ -218,3 +221,13 @@ def test_chart_defaults_match_the_services() -> None:
     assert values["store"]["metricsPort"] == store["metrics_port"].default
     assert values["compressor"]["port"] == compressor["port"].default
     assert values["compressor"]["metricsPort"] == compressor["metrics_port"].default
+
+
+def test_notes_tell_how_to_reach_the_services() -> None:
+    chart = helm_python.Chart.load(str(CHART))
+    notes = chart.render({}, name=RELEASE, namespace=NAMESPACE, is_install=True)[
+        "deltavault/templates/NOTES.txt"
+    ]
+    assert f"port-forward svc/{RELEASE}-deltavault-store 50061:50061" in notes
+    assert "export DELTAVAULT_STORE=localhost:50061" in notes
+    assert "deltavault ls" in notes
