@@ -1,4 +1,4 @@
-"""gRPC channels to deltavault services: message limits in one place."""
+"""gRPC channels to deltavault services: message limits and TLS in one place."""
 
 from __future__ import annotations
 
@@ -7,27 +7,34 @@ from typing import Self
 
 import grpc
 
+from clients.tls import ClientTls
+
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 8 * MiB
 """Must exceed the server's frame limit (2 MiB by default) plus message overhead."""
 
 
 def open_channel(
-    target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    target: str,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls: ClientTls | None = None,
 ) -> grpc.Channel:
-    """An insecure channel to ``host:port`` with explicit message limits.
+    """A channel to ``host:port`` with explicit message limits: over TLS when ``tls`` is
+    given or ``DELTAVAULT_TLS_*`` is set (``clients.tls``), else plaintext.
 
     Retries are done by the clients themselves (they know which calls are idempotent and
     re-send only what a stream had not finished), so the channel's own retry is off.
     """
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.enable_retries", 0),
-        ],
-    )
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 0),
+    ]
+    tls = tls or ClientTls.from_env()
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls.credentials(), options=options + tls.channel_options)
 
 
 class Closing:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.server import serve
-from store_svc.serving import run_command
+from store_svc.serving import add_tls_flags, run_command, server_tls_from_args
 
 _DEFAULTS = CompressorConfig()
 ENV_PREFIX = "DELTAVAULT_COMPRESSOR_"
@@ -55,6 +55,7 @@ def add_server_flags(p: argparse.ArgumentParser, *, with_store: bool = True) -> 
         p.add_argument(
             f"--{flag}", type=kind, default=_env(flag, default), help=f"{text} ({default})"
         )
+    add_tls_flags(p, _env)
     p.add_argument(
         "--spill-dir",
         type=Path,
@@ -96,6 +97,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> Compresso
         "shutdown_grace_seconds": float(args.shutdown_grace_seconds),
         "store_timeout_seconds": float(args.store_timeout_seconds),
         "spill_dir": Path(args.spill_dir) if args.spill_dir else None,
+        "tls": server_tls_from_args(args),
+        "health_port": int(args.health_port),
     }
     if hasattr(args, "store"):
         values["store"] = args.store

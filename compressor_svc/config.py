@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.tls import ServerTls
 from clients.wire import HEAP_FRAME_BYTES
 
 MiB = 1 << 20
@@ -29,6 +30,11 @@ class CompressorConfig:
     """gRPC port; 0 picks a free one (tests)."""
     metrics_port: int = 9462
     """Prometheus /metrics HTTP port on ``host``; 0 picks a free one, -1 disables it."""
+    tls: ServerTls | None = None
+    """Serve TLS only (mutual when it names a client CA); None: plaintext."""
+    health_port: int = -1
+    """Plaintext port answering only the health service (probes that cannot speak TLS);
+    -1: none, 0: any free one."""
     device: Device = Device.AUTO
     max_frame_bytes: int = 4 * MiB
     """Largest data payload in one stream message."""

@@ -19,7 +19,9 @@ from compressor_svc.metrics import CompressorMetrics
 from compressor_svc.service import CompressorServicer, add_to_server
 from store_svc.interceptors import CallInterceptor
 from store_svc.serving import (
+    HealthPort,
     add_health_and_reflection,
+    bind,
     drain,
     mark_serving,
     start_metrics,
@@ -51,6 +53,7 @@ class CompressorServer:
     metrics: CompressorMetrics
     config: CompressorConfig
     device: torch.device
+    health_port: HealthPort | None = None
     metrics_port: int | None = None
     _metrics_http: WSGIServer | None = field(default=None, repr=False)
 
@@ -59,12 +62,14 @@ class CompressorServer:
             self.config.metrics_port, self.config.host, self.metrics.registry
         )
         self.server.start()
+        if self.health_port is not None:
+            self.health_port.server.start()
         mark_serving(self.health, SERVICE_NAME)
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight streams finish within ``grace``, then close."""
         grace = self.config.shutdown_grace_seconds if grace is None else grace
-        drain(self.health, self.server, grace, self._metrics_http)
+        drain(self.health, self.server, grace, self._metrics_http, self.health_port)
         self.servicer.close()
 
 
@@ -111,10 +116,11 @@ def build_server(config: CompressorConfig) -> CompressorServer:
     )
     add_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    return CompressorServer(server, port, health_servicer, servicer, metrics, config, device)
+    port = bind(server, config.host, config.port, config.tls)
+    health_port = HealthPort.open(health_servicer, config.host, config.health_port)
+    return CompressorServer(
+        server, port, health_servicer, servicer, metrics, config, device, health_port
+    )
 
 
 def serve(config: CompressorConfig) -> None:

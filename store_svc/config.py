@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.tls import ServerTls
 from clients.wire import HEAP_FRAME_BYTES
 from store_svc.cas import CompressionPolicy
 
@@ -46,6 +47,11 @@ class StoreConfig:
     """gRPC port; 0 picks a free one (tests)."""
     metrics_port: int = 9461
     """Prometheus /metrics HTTP port on ``host``; 0 picks a free one, -1 disables it."""
+    tls: ServerTls | None = None
+    """Serve TLS only (mutual when it names a client CA); None: plaintext."""
+    health_port: int = -1
+    """Plaintext port answering only the health service (probes that cannot speak TLS);
+    -1: none, 0: any free one."""
     max_frame_bytes: int = 2 * MiB
     """Largest data payload in one stream message, both directions."""
     max_chunk_bytes: int = 64 * MiB

@@ -19,7 +19,9 @@ from store_svc.metrics import StoreMetrics
 from store_svc.repository import Repository
 from store_svc.service import DeltaStoreServicer, add_to_server
 from store_svc.serving import (
+    HealthPort,
     add_health_and_reflection,
+    bind,
     drain,
     mark_serving,
     start_metrics,
@@ -65,6 +67,7 @@ class StoreServer:
     metrics: StoreMetrics
     config: StoreConfig
     io: futures.ThreadPoolExecutor
+    health_port: HealthPort | None = None
     metrics_port: int | None = None
     _metrics_http: WSGIServer | None = field(default=None, repr=False)
 
@@ -73,12 +76,14 @@ class StoreServer:
             self.config.metrics_port, self.config.host, self.metrics.registry
         )
         self.server.start()
+        if self.health_port is not None:
+            self.health_port.server.start()
         mark_serving(self.health, SERVICE_NAME)
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace``, then close."""
         grace = self.config.shutdown_grace_seconds if grace is None else grace
-        drain(self.health, self.server, grace, self._metrics_http)
+        drain(self.health, self.server, grace, self._metrics_http, self.health_port)
         self.io.shutdown(wait=True)
         self.repo.close()
 
@@ -105,10 +110,9 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
     io = futures.ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="store-io")
     add_to_server(DeltaStoreServicer(repo, config, metrics, io), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    return StoreServer(server, port, health_servicer, repo, metrics, config, io)
+    port = bind(server, config.host, config.port, config.tls)
+    health_port = HealthPort.open(health_servicer, config.host, config.health_port)
+    return StoreServer(server, port, health_servicer, repo, metrics, config, io, health_port)
 
 
 def serve(config: StoreConfig) -> None:

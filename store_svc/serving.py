@@ -1,5 +1,6 @@
 """What both deltavault gRPC servers share: registering a service's methods, health and
-reflection, the /metrics endpoint, the serving/not-serving switch, and waiting for SIGTERM."""
+reflection, binding (TLS flags included) and the plaintext health port, the /metrics
+endpoint, the serving/not-serving switch, and waiting for SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
@@ -16,6 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+
+from clients.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +99,93 @@ def mark_serving(health_servicer: health.HealthServicer, service_name: str) -> N
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+def bind(server: grpc.Server, host: str, port: int, tls: ServerTls | None) -> int:
+    """Listen on ``host:port``, over TLS when ``tls`` is given; the port bound."""
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.credentials())
+    if bound == 0:
+        raise OSError(f"cannot bind {address}")
+    return bound
+
+
+@dataclass
+class HealthPort:
+    """A plaintext server answering only the standard health service, from the main
+    server's own servicer (so with its statuses): what Kubernetes' gRPC probes, which
+    cannot speak TLS, reach when the service itself takes only TLS."""
+
+    server: grpc.Server
+    port: int
+
+    @classmethod
+    def open(
+        cls, health_servicer: health.HealthServicer, host: str, port: int
+    ) -> HealthPort | None:
+        """None when ``port`` is negative (no health port)."""
+        if port < 0:
+            return None
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        return cls(server, bind(server, host, port, None))
+
+
 def drain(
     health_servicer: health.HealthServicer,
     server: grpc.Server,
     grace: float,
     metrics_http: WSGIServer | None,
+    health_port: HealthPort | None = None,
 ) -> None:
-    """Report NOT_SERVING, let in-flight calls finish within ``grace``, stop /metrics."""
+    """Report NOT_SERVING, let in-flight calls finish within ``grace``, stop /metrics and
+    the health port."""
     health_servicer.enter_graceful_shutdown()
     server.stop(grace).wait()
     if metrics_http is not None:
         metrics_http.shutdown()
+    if health_port is not None:
+        health_port.server.stop(0).wait()
+
+
+def add_tls_flags(parser: argparse.ArgumentParser, env: Callable[[str, object], object]) -> None:
+    """``--tls-cert``, ``--tls-key``, ``--tls-client-ca`` and ``--health-port``; ``env``
+    gives each flag's default (the service's environment variable)."""
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env("tls-cert", None),
+        help="PEM certificate chain: serve TLS only",
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, default=env("tls-key", None), help="PEM key of --tls-cert"
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=env("tls-client-ca", None),
+        help="require client certificates signed by this PEM CA (mutual TLS)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=env("health-port", -1),
+        help="plaintext port answering only the gRPC health service, for probes that cannot "
+        "speak TLS (-1: none)",
+    )
+
+
+def server_tls_from_args(args: argparse.Namespace) -> ServerTls | None:
+    """The TLS settings of :func:`add_tls_flags`' flags; ValueError when incomplete."""
+    cert, key, client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    return ServerTls(Path(cert), Path(key), None if client_ca is None else Path(client_ca))
 
 
 def configure_logging(level: str) -> None:
