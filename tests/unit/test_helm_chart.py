@@ -13,7 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from compressor_svc import __main__ as compressor_main
 from compressor_svc.config import CompressorConfig
+from store_svc import __main__ as store_main
 from store_svc.config import StoreConfig
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "deltavault"
@@ -90,9 +92,19 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
         {"minio": {"enabled": False}},
         {"s3": {"bucket": "Not_A_Bucket"}},
         {"s3": {"endpoint": "https://s3.example.com"}},
+        {"tls": {"enabled": True}},
         {"unknown": True},
     ],
-    ids=["port-type", "two-stores", "gpu-flag", "no-endpoint", "bucket", "scheme", "unknown"],
+    ids=[
+        "port-type",
+        "two-stores",
+        "gpu-flag",
+        "no-endpoint",
+        "bucket",
+        "scheme",
+        "tls-without-secret",
+        "unknown",
+    ],
 )
 def test_values_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
     with pytest.raises(helm_python.HelmError):
@@ -181,6 +193,30 @@ def test_s3_tls_trusts_the_ca_from_its_secret() -> None:
     assert {"name": "s3-ca", "secret": {"secretName": "internal-ca"}} in volumes
 
 
+def test_tls_serves_the_secrets_files_and_probes_the_health_port() -> None:
+    manifests = render(_values(CHART / "ci" / "tls.yaml"))
+    for component, prefix, health_port in (
+        ("store", "STORE", 50063),
+        ("compressor", "COMPRESSOR", 50064),
+    ):
+        container = _container(manifests, component)
+        env = _env(container)
+        assert env[f"DELTAVAULT_{prefix}_TLS_CERT"] == "/etc/deltavault/tls/tls.crt"
+        assert env[f"DELTAVAULT_{prefix}_TLS_KEY"] == "/etc/deltavault/tls/tls.key"
+        assert env[f"DELTAVAULT_{prefix}_TLS_CLIENT_CA"] == "/etc/deltavault/tls/ca.crt"
+        assert env[f"DELTAVAULT_{prefix}_HEALTH_PORT"] == str(health_port)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": health_port}
+        pod = _find(manifests, "Deployment", f"{RELEASE}-deltavault-{component}")["spec"]
+        volumes = pod["template"]["spec"]["volumes"]
+        assert {"name": "tls", "secret": {"secretName": "deltavault-tls"}} in volumes
+    # The compressor presents the same certificate to the store (mutual TLS).
+    client_env = _env(_container(manifests, "compressor"))
+    assert client_env["DELTAVAULT_TLS_CA"] == "/etc/deltavault/tls/ca.crt"
+    assert client_env["DELTAVAULT_TLS_CERT"] == "/etc/deltavault/tls/tls.crt"
+    assert "DELTAVAULT_TLS_CA" not in _env(_container(render({}), "compressor"))
+
+
 def test_monitoring_swaps_annotations_for_a_service_monitor() -> None:
     plain = render({})
     assert (
@@ -221,6 +257,18 @@ def test_chart_defaults_match_the_services() -> None:
     assert values["store"]["metricsPort"] == store["metrics_port"].default
     assert values["compressor"]["port"] == compressor["port"].default
     assert values["compressor"]["metricsPort"] == compressor["metrics_port"].default
+
+
+@pytest.mark.parametrize("scenario", list(_scenario_ids()))
+def test_every_variable_the_chart_sets_is_a_flag_of_its_service(scenario: Path | None) -> None:
+    parsers = {"store": store_main.build_parser(), "compressor": compressor_main.build_parser()}
+    manifests = render(_values(scenario))
+    for component, parser in parsers.items():
+        flags = {action.dest for action in parser._actions}
+        prefix = f"DELTAVAULT_{component.upper()}_"
+        for variable in _env(_container(manifests, component)):
+            if variable.startswith(prefix):
+                assert variable.removeprefix(prefix).lower() in flags, (component, variable)
 
 
 def test_notes_tell_how_to_reach_the_services() -> None:

@@ -89,3 +89,49 @@ prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- end -}}
+
+{{/* With tls.enabled: a server's TLS flags and, for the compressor, its client TLS to the store. */}}
+{{- define "deltavault.tlsEnv" -}}
+{{- if .root.Values.tls.enabled }}
+- name: DELTAVAULT_{{ .prefix }}_TLS_CERT
+  value: /etc/deltavault/tls/tls.crt
+- name: DELTAVAULT_{{ .prefix }}_TLS_KEY
+  value: /etc/deltavault/tls/tls.key
+{{- if .root.Values.tls.mutual }}
+- name: DELTAVAULT_{{ .prefix }}_TLS_CLIENT_CA
+  value: /etc/deltavault/tls/ca.crt
+{{- end }}
+- name: DELTAVAULT_{{ .prefix }}_HEALTH_PORT
+  value: {{ .healthPort | quote }}
+{{- if .client }}
+- name: DELTAVAULT_TLS_CA
+  value: /etc/deltavault/tls/ca.crt
+{{- if .root.Values.tls.mutual }}
+- name: DELTAVAULT_TLS_CERT
+  value: /etc/deltavault/tls/tls.crt
+- name: DELTAVAULT_TLS_KEY
+  value: /etc/deltavault/tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The gRPC probes: on the service port, or on the plaintext health port under TLS. */}}
+{{- define "deltavault.probes" -}}
+{{- $port := ternary .healthPort .port .root.Values.tls.enabled -}}
+startupProbe:
+  grpc:
+    port: {{ $port }}
+  periodSeconds: 2
+  failureThreshold: {{ .startupFailures }}
+livenessProbe:
+  grpc:
+    port: {{ $port }}
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  grpc:
+    port: {{ $port }}
+  periodSeconds: 5
+  failureThreshold: 2
+{{- end -}}
