@@ -1,14 +1,18 @@
-"""gRPC channels to deltavault services: message limits and TLS in one place."""
+"""gRPC channels to deltavault services: message limits, TLS and tokens in one place."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import grpc
 
 from clients.tls import ClientTls
 
+TOKEN_ENV = "DELTAVAULT_TOKEN"  # noqa: S105  (variable names, not secrets)
+TOKEN_FILE_ENV = "DELTAVAULT_TOKEN_FILE"  # noqa: S105
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 8 * MiB
 """Must exceed the server's frame limit (2 MiB by default) plus message overhead."""
@@ -21,7 +25,8 @@ def open_channel(
     tls: ClientTls | None = None,
 ) -> grpc.Channel:
     """A channel to ``host:port`` with explicit message limits: over TLS when ``tls`` is
-    given or ``DELTAVAULT_TLS_*`` is set (``clients.tls``), else plaintext.
+    given or ``DELTAVAULT_TLS_*`` is set (``clients.tls``), else plaintext; every call
+    carrying the bearer token of ``DELTAVAULT_TOKEN`` or ``DELTAVAULT_TOKEN_FILE``.
 
     Retries are done by the clients themselves (they know which calls are idempotent and
     re-send only what a stream had not finished), so the channel's own retry is off.
@@ -33,8 +38,54 @@ def open_channel(
     ]
     tls = tls or ClientTls.from_env()
     if tls is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, tls.credentials(), options=options + tls.channel_options)
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(
+            target, tls.credentials(), options=options + tls.channel_options
+        )
+    token = bearer_token()
+    return channel if token is None else grpc.intercept_channel(channel, BearerToken(token))
+
+
+def bearer_token() -> str | None:
+    """The token ``DELTAVAULT_TOKEN`` holds, or the file ``DELTAVAULT_TOKEN_FILE`` names
+    does (what a mounted Secret gives), or None."""
+    token = os.environ.get(TOKEN_ENV)
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read {TOKEN_FILE_ENV}={path}: {exc.strerror}") from None
+    return token or None
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
 
 
 class Closing:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.server import serve
-from store_svc.serving import add_tls_flags, run_command, server_tls_from_args
+from store_svc.serving import add_security_flags, run_command, server_tls_from_args
 
 _DEFAULTS = CompressorConfig()
 ENV_PREFIX = "DELTAVAULT_COMPRESSOR_"
@@ -55,7 +55,7 @@ def add_server_flags(p: argparse.ArgumentParser, *, with_store: bool = True) -> 
         p.add_argument(
             f"--{flag}", type=kind, default=_env(flag, default), help=f"{text} ({default})"
         )
-    add_tls_flags(p, _env)
+    add_security_flags(p, _env)
     p.add_argument(
         "--spill-dir",
         type=Path,
@@ -99,6 +99,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> Compresso
         "spill_dir": Path(args.spill_dir) if args.spill_dir else None,
         "tls": server_tls_from_args(args),
         "health_port": int(args.health_port),
+        "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,
     }
     if hasattr(args, "store"):
         values["store"] = args.store

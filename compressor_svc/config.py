@@ -35,6 +35,9 @@ class CompressorConfig:
     health_port: int = -1
     """Plaintext port answering only the health service (probes that cannot speak TLS);
     -1: none, 0: any free one."""
+    auth_tokens: Path | None = None
+    """Tokens file (``store_svc.auth``): every call then needs a bearer token whose role
+    allows it; None: no authentication."""
     device: Device = Device.AUTO
     max_frame_bytes: int = 4 * MiB
     """Largest data payload in one stream message."""

@@ -17,6 +17,7 @@ from clients.store_client import StoreClient
 from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.metrics import CompressorMetrics
 from compressor_svc.service import CompressorServicer, add_to_server
+from store_svc.auth import open_tokens
 from store_svc.interceptors import CallInterceptor
 from store_svc.serving import (
     HealthPort,
@@ -102,7 +103,7 @@ def build_server(config: CompressorConfig) -> CompressorServer:
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="compressor"),
-        interceptors=[CallInterceptor(observe)],
+        interceptors=[CallInterceptor(observe, open_tokens(config.auth_tokens))],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -11,7 +11,7 @@ from pathlib import Path
 from store_svc.cas import CompressionPolicy
 from store_svc.config import BackendKind, S3Settings, StoreConfig
 from store_svc.server import serve
-from store_svc.serving import add_tls_flags, run_command, server_tls_from_args
+from store_svc.serving import add_security_flags, run_command, server_tls_from_args
 
 _DEFAULTS = StoreConfig(root=Path("."))
 
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("shutdown-grace-seconds", _DEFAULTS.shutdown_grace_seconds),
         help="time in-flight calls get to finish after SIGTERM (default 30)",
     )
-    add_tls_flags(p, _env)
+    add_security_flags(p, _env)
     p.add_argument("--log-level", default=_env("log-level", "INFO"), help="logging level")
     return p
 
@@ -169,6 +169,7 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
         shutdown_grace_seconds=float(args.shutdown_grace_seconds),
         tls=server_tls_from_args(args),
         health_port=int(args.health_port),
+        auth_tokens=args.auth_tokens,
     )
 
 

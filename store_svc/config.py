@@ -52,6 +52,9 @@ class StoreConfig:
     health_port: int = -1
     """Plaintext port answering only the health service (probes that cannot speak TLS);
     -1: none, 0: any free one."""
+    auth_tokens: Path | None = None
+    """Tokens file (``store_svc.auth``): every call then needs a bearer token whose role
+    allows it; None: no authentication."""
     max_frame_bytes: int = 2 * MiB
     """Largest data payload in one stream message, both directions."""
     max_chunk_bytes: int = 64 * MiB

@@ -45,6 +45,10 @@ class PermissionDenied(StoreError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(StoreError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Unavailable(StoreError):
     code = grpc.StatusCode.UNAVAILABLE
 

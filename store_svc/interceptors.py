@@ -1,5 +1,5 @@
-"""The one wrapper every RPC runs in: it establishes the caller, turns exceptions into
-gRPC statuses and records per-RPC metrics.
+"""The one wrapper every RPC runs in: it authenticates and authorizes the caller
+(:mod:`store_svc.auth`), turns exceptions into gRPC statuses and records per-RPC metrics.
 
 Streaming handlers are wrapped *while they are iterated*, so an error raised mid-stream
 is mapped like any other. Domain errors carry their status code and structured details;
@@ -21,9 +21,10 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from clients.errors import DeltaVaultError
+from store_svc.auth import TokenTable
 from store_svc.backends.base import BackendError, BackendUnavailable, ObjectNotFound
 from store_svc.errors import StoreError
-from store_svc.identity import caller_from_metadata, current_caller
+from store_svc.identity import Caller, caller_from_metadata, current_caller
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,18 @@ def _fail(context: grpc.ServicerContext, exc: Exception) -> grpc.StatusCode:
 
 
 class CallInterceptor(grpc.ServerInterceptor):
-    """Wraps each handler: ``current_caller`` is set from the call's metadata for the
+    """Wraps each handler: the caller is authenticated and authorized (with ``tokens``;
+    without, everyone is the anonymous caller), ``current_caller`` is set for the
     handler's duration, errors are mapped to statuses, and ``observe`` sees the outcome."""
 
-    def __init__(self, observe: Observer) -> None:
+    def __init__(self, observe: Observer, tokens: TokenTable | None = None) -> None:
         self._observe = observe
+        self._tokens = tokens
+
+    def _caller(self, full_method: str, context: grpc.ServicerContext) -> Caller:
+        metadata = context.invocation_metadata()
+        principal = None if self._tokens is None else self._tokens.authorize(full_method, metadata)
+        return caller_from_metadata(metadata) if principal is None else Caller(principal.name, None)
 
     def intercept_service(
         self,
@@ -81,49 +89,54 @@ class CallInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        full_method = handler_call_details.method
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_call(method, handler.unary_unary), **kwargs
+                self._wrap_call(full_method, handler.unary_unary), **kwargs
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_call(method, handler.stream_unary), **kwargs
+                self._wrap_call(full_method, handler.stream_unary), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream), **kwargs
+                self._wrap_stream(full_method, handler.unary_stream), **kwargs
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream), **kwargs
+            self._wrap_stream(full_method, handler.stream_stream), **kwargs
         )
 
-    def _wrap_call(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_call(self, full_method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        method = full_method.rsplit("/", 1)[-1]
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            start, code = time.perf_counter(), grpc.StatusCode.OK
-            token = current_caller.set(caller_from_metadata(context.invocation_metadata()))
+            start, code, token = time.perf_counter(), grpc.StatusCode.OK, None
             try:
+                token = current_caller.set(self._caller(full_method, context))
                 return behavior(request, context)
             except Exception as exc:
                 code = _fail(context, exc)
                 # Abort rather than return None, which gRPC would try to serialize.
                 context.abort(code, _status_for(exc)[1])
             finally:
-                current_caller.reset(token)
+                if token is not None:
+                    current_caller.reset(token)
                 self._observe(method, code, time.perf_counter() - start)
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(self, full_method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        method = full_method.rsplit("/", 1)[-1]
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            start, code = time.perf_counter(), grpc.StatusCode.OK
-            token = current_caller.set(caller_from_metadata(context.invocation_metadata()))
+            start, code, token = time.perf_counter(), grpc.StatusCode.OK, None
             try:
+                token = current_caller.set(self._caller(full_method, context))
                 yield from behavior(request, context)
             except GeneratorExit:
                 code = grpc.StatusCode.CANCELLED
@@ -131,7 +144,8 @@ class CallInterceptor(grpc.ServerInterceptor):
             except Exception as exc:
                 code = _fail(context, exc)
             finally:
-                current_caller.reset(token)
+                if token is not None:
+                    current_caller.reset(token)
                 self._observe(method, code, time.perf_counter() - start)
 
         return wrapped

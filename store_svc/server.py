@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health
 
 from clients._generated.deltavault.store.v1 import store_pb2
+from store_svc.auth import open_tokens
 from store_svc.backends.base import Backend
 from store_svc.backends.instrumented import InstrumentedBackend
 from store_svc.config import BackendKind, StoreConfig
@@ -101,7 +102,7 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="store-rpc"),
-        interceptors=[CallInterceptor(observe)],
+        interceptors=[CallInterceptor(observe, open_tokens(config.auth_tokens))],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

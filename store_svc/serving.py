@@ -149,9 +149,12 @@ def drain(
         health_port.server.stop(0).wait()
 
 
-def add_tls_flags(parser: argparse.ArgumentParser, env: Callable[[str, object], object]) -> None:
-    """``--tls-cert``, ``--tls-key``, ``--tls-client-ca`` and ``--health-port``; ``env``
-    gives each flag's default (the service's environment variable)."""
+def add_security_flags(
+    parser: argparse.ArgumentParser, env: Callable[[str, object], object]
+) -> None:
+    """``--tls-cert``, ``--tls-key``, ``--tls-client-ca``, ``--health-port`` and
+    ``--auth-tokens``; ``env`` gives each flag's default (the service's environment
+    variable)."""
     parser.add_argument(
         "--tls-cert",
         type=Path,
@@ -173,6 +176,13 @@ def add_tls_flags(parser: argparse.ArgumentParser, env: Callable[[str, object], 
         default=env("health-port", -1),
         help="plaintext port answering only the gRPC health service, for probes that cannot "
         "speak TLS (-1: none)",
+    )
+    parser.add_argument(
+        "--auth-tokens",
+        type=Path,
+        default=env("auth-tokens", None),
+        help="JSON tokens file: require a bearer token whose role allows each call "
+        "(see store_svc.auth)",
     )
 
 
