@@ -93,6 +93,7 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
         {"s3": {"bucket": "Not_A_Bucket"}},
         {"s3": {"endpoint": "https://s3.example.com"}},
         {"tls": {"enabled": True}},
+        {"auth": {"enabled": True}},
         {"unknown": True},
     ],
     ids=[
@@ -103,6 +104,7 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
         "bucket",
         "scheme",
         "tls-without-secret",
+        "auth-without-secret",
         "unknown",
     ],
 )
@@ -215,6 +217,23 @@ def test_tls_serves_the_secrets_files_and_probes_the_health_port() -> None:
     assert client_env["DELTAVAULT_TLS_CA"] == "/etc/deltavault/tls/ca.crt"
     assert client_env["DELTAVAULT_TLS_CERT"] == "/etc/deltavault/tls/tls.crt"
     assert "DELTAVAULT_TLS_CA" not in _env(_container(render({}), "compressor"))
+
+
+def test_auth_mounts_the_tokens_and_only_the_compressor_holds_its_token() -> None:
+    manifests = render(_values(CHART / "ci" / "auth.yaml"))
+    for component, prefix in (("store", "STORE"), ("compressor", "COMPRESSOR")):
+        env = _env(_container(manifests, component))
+        assert env[f"DELTAVAULT_{prefix}_AUTH_TOKENS"] == "/etc/deltavault/auth/tokens.json"
+        pod = _find(manifests, "Deployment", f"{RELEASE}-deltavault-{component}")["spec"]
+        (auth,) = [v for v in pod["template"]["spec"]["volumes"] if v["name"] == "auth"]
+        assert auth["secret"]["secretName"] == "deltavault-auth"
+        keys = {item["key"] for item in auth["secret"]["items"]}
+        assert keys == (
+            {"tokens.json", "compressor-token"} if component == "compressor" else {"tokens.json"}
+        )
+    compressor_env = _env(_container(manifests, "compressor"))
+    assert compressor_env["DELTAVAULT_TOKEN_FILE"] == "/etc/deltavault/auth/compressor-token"
+    assert "DELTAVAULT_TOKEN_FILE" not in _env(_container(manifests, "store"))
 
 
 def test_monitoring_swaps_annotations_for_a_service_monitor() -> None:

@@ -135,3 +135,31 @@ readinessProbe:
   periodSeconds: 5
   failureThreshold: 2
 {{- end -}}
+
+{{/* With auth.enabled: the tokens file and, for the compressor, its own token for the store. */}}
+{{- define "deltavault.authEnv" -}}
+{{- if .root.Values.auth.enabled }}
+- name: DELTAVAULT_{{ .prefix }}_AUTH_TOKENS
+  value: /etc/deltavault/auth/tokens.json
+{{- if .client }}
+- name: DELTAVAULT_TOKEN_FILE
+  value: /etc/deltavault/auth/compressor-token
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The auth Secret's volume: the tokens file, and the compressor's token only where it is used. */}}
+{{- define "deltavault.authVolume" -}}
+{{- if .root.Values.auth.enabled }}
+- name: auth
+  secret:
+    secretName: {{ .root.Values.auth.existingSecret }}
+    items:
+      - key: tokens.json
+        path: tokens.json
+      {{- if .client }}
+      - key: compressor-token
+        path: compressor-token
+      {{- end }}
+{{- end }}
+{{- end -}}
