@@ -71,10 +71,11 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
     values = _values(scenario)
     chart = helm_python.Chart.load(str(CHART))
     chart.validate_schema(values)
-    if scenario is None:
-        report = helm_python.lint(str(CHART), strict=True, kube_version=f"v{KUBE_VERSION}")
-        assert report["errors"] == []
-        assert all(m["severity"] <= 1 for m in report["messages"]), report["messages"]
+    report = helm_python.lint(
+        str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}"
+    )
+    assert report["errors"] == []
+    assert all(m["severity"] <= 1 for m in report["messages"]), report["messages"]
     manifests = render(values)
     assert manifests
     for manifest in manifests:
