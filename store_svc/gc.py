@@ -4,9 +4,11 @@ Live = every manifest a ref points at, every manifest younger than the grace per
 ref may be about to be set), and every chunk those manifests name. Unreferenced objects
 younger than the grace period are kept too: they may belong to an upload in flight.
 
-Candidates are found without blocking writers. The final re-mark (manifests committed
-since the mark began) and the deletes run under the exclusive side of the commit lock, so
-a manifest can never be committed against a chunk that is being swept.
+Candidates are found without blocking writers. The final re-mark (refs and manifests
+again, for what moved or was committed since the mark began) and the deletes run under the
+exclusive side of the commit lock, which every manifest commit and ref move holds the
+shared side of: a manifest can never be committed against a chunk being swept, nor a ref
+moved to a manifest being swept.
 """
 
 from __future__ import annotations
@@ -70,8 +72,13 @@ class GarbageCollector:
         self._mark_young_manifests(mark, self._backend.list(MANIFEST_PREFIX), cutoff)
         chunk_candidates = self._chunk_candidates(mark, cutoff, stats)
         with self._lock.exclusive():
+            # No commit or ref move is in flight now: mark what refs moved to and what was
+            # committed since the first pass (a manifest older than the grace period that a
+            # ref moved to meanwhile would otherwise be swept from under it).
+            for target in self._refs.all_targets():
+                self._mark_manifest(mark, target)
             manifests = list(self._backend.list(MANIFEST_PREFIX))
-            self._mark_young_manifests(mark, manifests, cutoff)  # committed meanwhile
+            self._mark_young_manifests(mark, manifests, cutoff)
             doomed_chunks = [(k, s) for k, d, s in chunk_candidates if d not in mark.chunks]
             doomed_manifests = [
                 (info.key, info.size)

@@ -1,8 +1,9 @@
 """Immutable manifests stored by the digest of their deterministic serialization.
 
 A manifest is committed only when every chunk it names is present, so a reader that can
-see a manifest can read all of it. The check and the write happen under the shared side
-of the repository's commit lock; garbage collection sweeps under the exclusive side.
+see a manifest can read all of it. Callers hold the shared side of the repository's commit
+lock around the check and the write (and the ref move that may follow); garbage
+collection sweeps under the exclusive side.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from store_svc.backends.base import Backend, ObjectNotFound
 from store_svc.cas import ChunkStore
 from store_svc.digest import Algorithm, Digest
 from store_svc.errors import CorruptObject, InvalidArgument, MissingChunks, NotFound
-from store_svc.locking import SharedExclusiveLock
 
 MANIFEST_PREFIX = "manifests/"
 FORMAT_VERSION = 1
@@ -62,22 +62,21 @@ class CommitResult:
 
 
 class ManifestStore:
-    def __init__(self, backend: Backend, chunks: ChunkStore, lock: SharedExclusiveLock) -> None:
+    def __init__(self, backend: Backend, chunks: ChunkStore) -> None:
         self._backend = backend
         self._chunks = chunks
-        self._lock = lock
 
     def commit(self, manifest: common_pb2.Manifest) -> CommitResult:
-        """Validate, check every chunk is present, and store. Idempotent."""
+        """Validate, check every chunk is present, and store. Idempotent. The caller holds
+        the commit lock's shared side."""
         algorithm = validate(manifest)
         data = serialize(manifest)
         digest = Digest.of_manifest(data, algorithm)
         digests = chunk_digests(manifest)
-        with self._lock.shared():
-            missing = self._chunks.missing(digests)
-            if missing:
-                raise MissingChunks(missing, context="manifest not committed")
-            written = self._backend.put_if_absent(manifest_key(digest), data)
+        missing = self._chunks.missing(digests)
+        if missing:
+            raise MissingChunks(missing, context="manifest not committed")
+        written = self._backend.put_if_absent(manifest_key(digest), data)
         total = sum(chunk.size for chunk in chunk_refs(manifest))
         return CommitResult(digest, not written, len(digests), total)
 

@@ -52,11 +52,12 @@ class Repository:
         compression: CompressionPolicy = CompressionPolicy.AUTO,
     ) -> None:
         self.backend = backend
-        lock = SharedExclusiveLock()
+        # Shared: a manifest commit or a ref move (check, write, move); exclusive: GC's sweep.
+        self._lock = SharedExclusiveLock()
         self.chunks = ChunkStore(backend, policy=compression, max_chunk_bytes=max_chunk_bytes)
-        self.manifests = ManifestStore(backend, self.chunks, lock)
+        self.manifests = ManifestStore(backend, self.chunks)
         self.refs = RefStore(backend)
-        self._gc = GarbageCollector(backend, self.manifests, self.refs, lock)
+        self._gc = GarbageCollector(backend, self.manifests, self.refs, self._lock)
 
     def close(self) -> None:
         """Stop the chunk store's probe threads and release the backend."""
@@ -67,17 +68,25 @@ class Repository:
         self, manifest: common_pb2.Manifest, move: RefMove | None = None
     ) -> tuple[CommitResult, Digest | None]:
         """Store a manifest and optionally move a ref to it; returns the ref's old target."""
-        result = self.manifests.commit(manifest)
-        previous = None
-        if move is not None:
-            previous = self.refs.update(move.ref, result.digest, move.expected, force=move.force)
+        with self._lock.shared():
+            result = self.manifests.commit(manifest)
+            previous = None
+            if move is not None:
+                previous = self.refs.update(
+                    move.ref, result.digest, move.expected, force=move.force
+                )
         return result, previous
 
     def update_ref(self, target: Digest, move: RefMove) -> Digest | None:
-        """Point a ref at a stored manifest (compare-and-swap); returns the old target."""
-        if not self.manifests.exists(target):
-            raise FailedPrecondition(f"no manifest {target}: commit it before pointing a ref at it")
-        return self.refs.update(move.ref, target, move.expected, force=move.force)
+        """Point a ref at a stored manifest (compare-and-swap); returns the old target. The
+        check and the move hold the commit lock, so a sweep cannot take the manifest between
+        them."""
+        with self._lock.shared():
+            if not self.manifests.exists(target):
+                raise FailedPrecondition(
+                    f"no manifest {target}: commit it before pointing a ref at it"
+                )
+            return self.refs.update(move.ref, target, move.expected, force=move.force)
 
     def collect_garbage(self, *, grace_seconds: float, dry_run: bool) -> GcStats:
         return self._gc.collect(grace_seconds=grace_seconds, dry_run=dry_run)
