@@ -1,7 +1,9 @@
-"""``python -m store_svc`` as an operator runs it: flags, health, reflection, metrics, SIGTERM."""
+"""``python -m store_svc`` as an operator runs it: flags, health, reflection, metrics,
+SIGTERM; no secret in its log or its metrics, even at DEBUG."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,8 +19,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from clients._generated.deltavault.common.v1 import common_pb2
+from clients.channel import BearerToken
+from clients.errors import DeltaVaultError
 from clients.store_client import RetryPolicy, StoreClient
-from store_svc.digest import Digest
+from store_svc.digest import Algorithm, Digest
+from store_svc.manifests import FORMAT_VERSION
 from tests.support.seaweedfs import SeaweedS3
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,3 +188,56 @@ def test_sigterm_lets_an_in_flight_stream_finish(
     assert b"".join(received) == payload
     assert process.wait(timeout=30) == 0
     client.close()
+
+
+@pytest.mark.s3
+def test_secrets_reach_neither_the_log_nor_metrics(
+    tmp_path: Path, s3_server: SeaweedS3, run_store: list[subprocess.Popen[bytes]]
+) -> None:
+    writer, wrong = "tok-writer-9f2c41", "tok-wrong-77e1a0"
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"name": "ci", "role": "writer", "token": writer}]}))
+    port, metrics_port = free_port(), free_port()
+    flags = [f for f in backend_flags("s3", tmp_path, s3_server) if f != s3_server.secret_key]
+    flags.remove("--secret-key")
+    serving = ["--port", str(port), "--metrics-port", str(metrics_port)]
+    secured = ["--auth-tokens", str(tokens), "--log-level", "DEBUG"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "store_svc", *flags, *serving, *secured],
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "DELTAVAULT_STORE_SECRET_KEY": s3_server.secret_key},
+    )
+    run_store.append(process)
+    target = f"127.0.0.1:{port}"
+    wait_serving(target, process)
+
+    def client(token: str) -> StoreClient:
+        channel = grpc.intercept_channel(grpc.insecure_channel(target), BearerToken(token))
+        return StoreClient(target, channel=channel, timeout=10, retry=RetryPolicy(attempts=1))
+
+    payload = b"private weights" * 64
+    with client(writer) as store:
+        chunks, _ = store.upload(payload)
+        store.commit_manifest(one_part_manifest(chunks, len(payload)), ref="team-a/private-model")
+    with client(wrong) as intruder, pytest.raises(DeltaVaultError) as refused:
+        list(intruder.list_refs())
+    assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    log = process.communicate()[1].decode()
+    assert "DEBUG" in log  # the log was as verbose as it gets
+    for secret in (s3_server.secret_key, writer, wrong):
+        assert secret not in log and secret not in metrics
+    assert "private-model" not in metrics
+
+
+def one_part_manifest(chunks: list[common_pb2.ChunkRef], size: int) -> common_pb2.Manifest:
+    part = common_pb2.EncodedPart(name="p", byte_length=size, chunks=chunks)
+    return common_pb2.Manifest(
+        format_version=FORMAT_VERSION,
+        digest_algorithm=Algorithm.BLAKE3.to_proto(),
+        tensors=[common_pb2.TensorEntry(name="t", parts=[part])],
+    )
