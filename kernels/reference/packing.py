@@ -149,21 +149,19 @@ def _packing(bits: int) -> tuple[Packer, Unpacker]:
         raise ValueError(f"code width must be 1..8 bits, got {bits}") from None
 
 
-def pack(codes: Tensor, bits: int) -> Tensor:
-    """Any-shape integer codes in ``[0, 2**bits)`` → (ceil(numel*bits/8),) uint8, row-major."""
-    packer, _ = _packing(bits)
-    flat = codes.reshape(-1)
+def check_codes(flat: Tensor, bits: int) -> None:
+    """ValueError unless ``bits`` is a code width and every code fits in it."""
+    _packing(bits)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(
             f"codes span [{int(flat.min())}, {int(flat.max())}], outside [0, {(1 << bits) - 1}] "
             f"for {bits}-bit packing"
         )
-    return packer(flat)
 
 
-def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
-    """(ceil(n*bits/8),) uint8 → (n,) uint8 codes; inverse of :func:`pack`."""
-    _, unpacker = _packing(bits)
+def check_stream(packed: Tensor, bits: int, n: int) -> None:
+    """ValueError unless ``packed`` is the 1-D uint8 stream of ``n`` ``bits``-bit codes."""
+    _packing(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(
             f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {packed.dim()}-D"
@@ -172,4 +170,18 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
         raise ValueError(
             f"{n} codes of {bits} bits need {packed_nbytes(n, bits)} bytes, got {packed.numel()}"
         )
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Any-shape integer codes in ``[0, 2**bits)`` → (ceil(numel*bits/8),) uint8, row-major."""
+    flat = codes.reshape(-1)
+    check_codes(flat, bits)
+    packer, _ = _packing(bits)
+    return packer(flat)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """(ceil(n*bits/8),) uint8 → (n,) uint8 codes; inverse of :func:`pack`."""
+    check_stream(packed, bits, n)
+    _, unpacker = _packing(bits)
     return unpacker(packed, n)

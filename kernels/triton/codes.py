@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.dispatch import interpreting
-from kernels.reference.packing import packed_nbytes
+from kernels.reference.packing import check_codes, check_stream, packed_nbytes
 from kernels.reference.quant import QuantParams, n_groups
 
 ENCODE_OCTETS = 512
@@ -225,13 +225,8 @@ def quantize_packed(w: Tensor, params: QuantParams) -> Tensor:
 
 def pack(codes: Tensor, bits: int) -> Tensor:
     """Any-shape integer codes → (ceil(numel*bits/8),) uint8: ``kernels.reference.pack``."""
-    _check_bits(bits)
     flat = codes.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
-        raise ValueError(
-            f"codes span [{int(flat.min())}, {int(flat.max())}], outside [0, {(1 << bits) - 1}] "
-            f"for {bits}-bit packing"
-        )
+    check_codes(flat, bits)
     out = torch.empty(packed_nbytes(flat.numel(), bits), dtype=torch.uint8, device=codes.device)
     return _encode(flat, bits, out, None, pack=True)
 
@@ -270,7 +265,7 @@ def decode_stream(
 def _decode(
     packed: Tensor, bits: int, n: int, out: Tensor, params: QuantParams | None, cols: int
 ) -> Tensor:
-    _check_stream(packed, bits, n)
+    check_stream(packed, bits, n)
     if params is None:
         return decode_stream(packed, bits, out, cols, None)
     scale, zero, mid = _grid_params(params, n // cols if cols else 0, cols)
@@ -301,23 +296,6 @@ def dequantize(codes: Tensor, params: QuantParams) -> Tensor:
     return _decode(codes.contiguous().view(-1), 8, codes.numel(), out, params, codes.shape[1])
 
 
-def _check_bits(bits: int) -> None:
-    if not 1 <= bits <= 8:
-        raise ValueError(f"code width must be 1..8 bits, got {bits}")
-
-
 def _check_matrix(t: Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"expected a (rows, cols) matrix, got shape {tuple(t.shape)}")
-
-
-def _check_stream(packed: Tensor, bits: int, n: int) -> None:
-    _check_bits(bits)
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(
-            f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {packed.dim()}-D"
-        )
-    if packed.numel() != packed_nbytes(n, bits):
-        raise ValueError(
-            f"{n} codes of {bits} bits need {packed_nbytes(n, bits)} bytes, got {packed.numel()}"
-        )
