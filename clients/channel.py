@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -14,6 +15,13 @@ from clients.tls import ClientTls
 
 TOKEN_ENV = "DELTAVAULT_TOKEN"  # noqa: S105  (variable names, not secrets)
 TOKEN_FILE_ENV = "DELTAVAULT_TOKEN_FILE"  # noqa: S105
+forwarded_authorization: ContextVar[str | None] = ContextVar(
+    "forwarded_authorization", default=None
+)
+"""While a service handles a call: the caller's ``authorization`` header. Channels opened
+with ``forward_caller=True`` send it on the caller's behalf instead of their own token, so
+the next service applies the caller's role and tenant rather than the forwarding
+service's (the compressor reading and writing the store for its caller)."""
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 8 * MiB
 """Must exceed the server's frame limit (2 MiB by default) plus message overhead."""
@@ -24,10 +32,12 @@ def open_channel(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: ClientTls | None = None,
+    forward_caller: bool = False,
 ) -> grpc.Channel:
     """A channel to ``host:port`` with explicit message limits: over TLS when ``tls`` is
     given or ``DELTAVAULT_TLS_*`` is set (``clients.tls``), else plaintext; every call
-    carrying the bearer token of ``DELTAVAULT_TOKEN`` or ``DELTAVAULT_TOKEN_FILE``.
+    carrying the bearer token of ``DELTAVAULT_TOKEN`` or ``DELTAVAULT_TOKEN_FILE`` (or,
+    with ``forward_caller``, the ``forwarded_authorization`` of the call being handled).
 
     Retries are done by the clients themselves (they know which calls are idempotent and
     re-send only what a stream had not finished), so the channel's own retry is off.
@@ -45,7 +55,9 @@ def open_channel(
             target, tls.credentials(), options=options + tls.channel_options
         )
     token = bearer_token()
-    return channel if token is None else grpc.intercept_channel(channel, BearerToken(token))
+    if token is None and not forward_caller:
+        return channel
+    return grpc.intercept_channel(channel, BearerToken(token, forward_caller=forward_caller))
 
 
 def bearer_token() -> str | None:
@@ -77,16 +89,20 @@ class BearerToken(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds ``authorization: Bearer <token>`` to every call's metadata."""
+    """Adds ``authorization: Bearer <token>`` to every call's metadata, or the forwarded
+    caller's header when ``forward_caller`` and a call is being handled for one."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, token: str | None, *, forward_caller: bool = False) -> None:
+        self._own = None if token is None else f"Bearer {token}"
+        self._forward = forward_caller
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        header = (forwarded_authorization.get() if self._forward else None) or self._own
+        added = [] if header is None else [("authorization", header)]
         return _CallDetails(
             details.method,
             details.timeout,
-            [*(details.metadata or ()), self._header],
+            [*(details.metadata or ()), *added],
             details.credentials,
             details.wait_for_ready,
             details.compression,

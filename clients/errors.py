@@ -7,7 +7,7 @@ Never built from class names a server sends: the status code picks the class, an
 from __future__ import annotations
 
 import grpc
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from clients._generated.deltavault.common.v1 import common_pb2
@@ -18,6 +18,9 @@ class DeltaVaultError(Exception):
     """A failed call. ``code`` is the gRPC status; the message is the server's."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    retry_after: float | None = None
+    """Seconds the server asked the caller to wait before retrying (``google.rpc.RetryInfo``,
+    sent with a RESOURCE_EXHAUSTED from admission control); None: retrying will not help."""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -87,10 +90,24 @@ _BY_CODE: dict[grpc.StatusCode, type[DeltaVaultError]] = {
 }
 
 
-def is_unavailable(error: grpc.RpcError) -> bool:
-    """Whether a failed call is worth retrying: the service was unreachable or too slow."""
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """Whether a failed call is worth retrying, and after how long at least: 0 when the
+    service was unreachable or too slow (the caller's backoff decides), the server's delay
+    when it shed the call with ``google.rpc.RetryInfo``; None when retrying will not help."""
     call: grpc.Call = error  # type: ignore[assignment]
-    return _BY_CODE.get(call.code()) is UnavailableError
+    if _BY_CODE.get(call.code()) is UnavailableError:
+        return 0.0
+    if call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return _retry_after(rpc_status.from_call(call))
+    return None
+
+
+def _retry_after(status: status_pb2.Status | None) -> float | None:
+    info = error_details_pb2.RetryInfo()
+    for packed in status.details if status else ():
+        if packed.Unpack(info):
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
 
 
 def from_rpc_error(error: grpc.RpcError) -> DeltaVaultError:
@@ -99,7 +116,9 @@ def from_rpc_error(error: grpc.RpcError) -> DeltaVaultError:
     code = call.code()
     cls = _BY_CODE.get(code, InternalError)
     exc = cls(call.details() or code.name, code)
-    _attach_details(exc, rpc_status.from_call(call))
+    status = rpc_status.from_call(call)
+    _attach_details(exc, status)
+    exc.retry_after = _retry_after(status)
     return exc
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import time
@@ -38,7 +39,7 @@ from clients.calibration import GramSet
 from clients.channel import Closing
 from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
 from clients.encoding import WIRE_DTYPES, RoleTensor, decode_entry, rebuild_tensor
-from clients.errors import ConflictError, NotFoundError
+from clients.errors import ConflictError, NotFoundError, ResourceExhaustedError
 from clients.lora import PEFT_PREFIX, LoraAdapter, resolve_names
 from clients.safetensors_io import (
     Checkpoint,
@@ -58,6 +59,8 @@ DEFAULT_COMPRESSOR = "127.0.0.1:50062"
 ENV_STORE = "DELTAVAULT_STORE"
 ENV_COMPRESSOR = "DELTAVAULT_COMPRESSOR"
 SDK_PRODUCER = "deltavault-sdk 0.1.0"
+_ADMISSION_ATTEMPTS = 10
+_MAX_ADMISSION_PAUSE = 30.0
 
 BASE = compressor_pb2.TENSOR_ROLE_BASE
 FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
@@ -378,6 +381,28 @@ class DeltaVault(Closing):
         return self._fan_out(endpoints, header, pair, sizes, progress)
 
     def _compress_on(
+        self,
+        endpoint: str,
+        header: compressor_pb2.CompressHeader,
+        pair: ModelPair,
+        names: list[str],
+        progress: Progress | None,
+    ) -> CompressReport:
+        """Compress on one compressor. A stream it sheds (admission control's
+        RESOURCE_EXHAUSTED with a retry delay) is sent again after a growing pause: a
+        compress commits only at its end, so rerunning it is safe (``progress`` may then
+        see a tensor twice)."""
+        for attempt in range(_ADMISSION_ATTEMPTS):
+            try:
+                return self._compress_once(endpoint, header, pair, names, progress)
+            except ResourceExhaustedError as exc:
+                if exc.retry_after is None or attempt == _ADMISSION_ATTEMPTS - 1:
+                    raise
+                pause = exc.retry_after * 2**attempt
+            time.sleep(min(pause, _MAX_ADMISSION_PAUSE) * random.uniform(1, 1.5))
+        raise AssertionError("unreachable")
+
+    def _compress_once(
         self,
         endpoint: str,
         header: compressor_pb2.CompressHeader,

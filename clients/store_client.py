@@ -2,7 +2,8 @@
 
 It cuts byte strings into fixed-size chunks, uploads only the chunks the store lacks,
 streams chunks back verified, and retries with exponential backoff when the store is
-UNAVAILABLE. Every call has a deadline, so a dead server is an error, never a hang.
+UNAVAILABLE or sheds the call (RESOURCE_EXHAUSTED with a retry delay). Every call has a
+deadline, so a dead server is an error, never a hang.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from clients.errors import (
     ConflictError,
     DataLossError,
     from_rpc_error,
-    is_unavailable,
+    retry_delay,
 )
 from clients.wire import (
     HEAP_FRAME_BYTES,
@@ -193,9 +194,11 @@ class StoreClient(Closing):
                     yield item
                 return
             except grpc.RpcError as error:
-                if delay is None or not is_unavailable(error):
+                wait = retry_delay(error)
+                if delay is None or wait is None:
                     raise from_rpc_error(error) from None
-            time.sleep(delay)
+                pause = max(delay, wait)
+            time.sleep(pause)
 
     # --- manifests and refs -----------------------------------------------------------
 
@@ -207,10 +210,28 @@ class StoreClient(Closing):
         expected: Digest | None = None,
         force: bool = False,
     ) -> CommitInfo:
+        """Store ``manifest`` and, with ``ref``, move the ref to it (compare-and-swap from
+        ``expected``, None: absent; or always with ``force``)."""
         request = store_pb2.CommitManifestRequest(manifest=manifest, ref=ref, force_ref=force)
         if expected is not None:
             request.expected_ref_target.CopyFrom(expected.to_proto())
-        response = self._call(lambda: self._stub.CommitManifest(request, timeout=self._timeout))
+        attempts = 0
+
+        def once() -> store_pb2.CommitManifestResponse:
+            nonlocal attempts
+            attempts += 1
+            return self._stub.CommitManifest(request, timeout=self._timeout)
+
+        try:
+            response = self._call(once)
+        except ConflictError as exc:
+            # The ref moved since an attempt the store did not answer (the object store
+            # went down after the move): if it moved to this manifest, that attempt landed.
+            if attempts > 1 and exc.actual is not None:
+                stored = self.commit_manifest(manifest)
+                if stored.digest == exc.actual:
+                    return stored
+            raise
         return CommitInfo(
             Digest.from_proto(response.digest),
             response.already_present,
@@ -287,7 +308,8 @@ class StoreClient(Closing):
     # --- plumbing -----------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run one RPC, retrying UNAVAILABLE with backoff; raise a ``DeltaVaultError``."""
+        """Run one RPC, retrying UNAVAILABLE (and admission refusals, after the delay the
+        server asks for) with backoff; raise a ``DeltaVaultError``."""
         for delay in [*self._retry.delays(), None]:
             try:
                 return fn()
@@ -295,9 +317,11 @@ class StoreClient(Closing):
                 # Raised, never bound to a local: a frame holding its own exception is a
                 # reference cycle, and the cycle would keep every frame of the traceback
                 # alive (a server's stream with its tensors) until the cycle collector runs.
-                if delay is None or not is_unavailable(error):
+                wait = retry_delay(error)
+                if delay is None or wait is None:
                     raise from_rpc_error(error) from None
-            time.sleep(delay)
+                pause = max(delay, wait)
+            time.sleep(pause)
         raise AssertionError("unreachable")
 
     def _frames(self, chunks: Sequence[tuple[Digest, bytes | memoryview]]) -> Iterator[bytes]:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.server import serve
-from store_svc.serving import add_security_flags, run_command, server_tls_from_args
+from store_svc.serving import (
+    add_limit_flags,
+    add_security_flags,
+    limits_from_args,
+    run_command,
+    server_tls_from_args,
+)
 
 _DEFAULTS = CompressorConfig()
 ENV_PREFIX = "DELTAVAULT_COMPRESSOR_"
@@ -55,6 +61,7 @@ def add_server_flags(p: argparse.ArgumentParser, *, with_store: bool = True) -> 
         p.add_argument(
             f"--{flag}", type=kind, default=_env(flag, default), help=f"{text} ({default})"
         )
+    add_limit_flags(p, _env, _DEFAULTS.limits)
     add_security_flags(p, _env)
     p.add_argument(
         "--spill-dir",
@@ -100,6 +107,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> Compresso
         "tls": server_tls_from_args(args),
         "health_port": int(args.health_port),
         "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,
+        "limits": limits_from_args(args),
     }
     if hasattr(args, "store"):
         values["store"] = args.store

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from clients.tls import ServerTls
 from clients.wire import HEAP_FRAME_BYTES
+from store_svc.limits import UNLIMITED, Limits
 
 MiB = 1 << 20
 
@@ -45,6 +46,9 @@ class CompressorConfig:
     """Largest single tensor accepted (it is assembled in memory)."""
     max_inflight_bytes: int = 16 << 30
     """Unfinished tensor bytes one stream may hold (a base waiting for its fine-tune)."""
+    limits: Limits = UNLIMITED
+    """Streams, and unfinished tensor bytes, in flight per client and in all
+    (``store_svc.limits``); unlimited by default (``workers`` bounds the streams)."""
     spill_dir: Path | None = None
     """Where model-wide allocation keeps factors between its two passes; None: the temp dir."""
     workers: int = 8

@@ -55,6 +55,7 @@ from compressor_svc.requests import CompressSpec, Scope
 from kernels.reference import EncodedTensor, decode
 from store_svc.digest import Digest
 from store_svc.errors import RefConflict
+from store_svc.limits import ByteLease
 from store_svc.manifests import FORMAT_VERSION
 
 PRODUCER = "deltavault-compressor 0.1.0"
@@ -102,11 +103,13 @@ class InputPairer:
 
     Calibration Gram matrices must arrive before the weights they belong to (the SDK sends
     them so); a tensor is complete when its base and fine-tuned frames, or its delta frames,
-    have all arrived. Memory held for waiting tensors is capped by ``max_inflight_bytes``.
+    have all arrived. Memory held for waiting tensors is capped by ``max_inflight_bytes``,
+    and held as ``lease`` (the admission budget shared with other streams).
     """
 
     max_tensor_bytes: int
     max_inflight_bytes: int
+    lease: ByteLease
     _frames: FrameAssembler = field(init=False)
     _waiting: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
@@ -179,6 +182,10 @@ class InputPairer:
                 f"{self.max_inflight_bytes}) at {name!r}: send each tensor's base and "
                 "fine-tuned frames together, tensor by tensor"
             )
+        if held > self.lease.held:
+            self.lease.acquire(held - self.lease.held)
+        else:
+            self.lease.release(self.lease.held - held)
 
 
 # --- one tensor → its encoding -----------------------------------------------------------

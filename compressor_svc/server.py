@@ -13,12 +13,14 @@ import torch
 from grpc_health.v1 import health
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.channel import open_channel
 from clients.store_client import StoreClient
 from compressor_svc.config import CompressorConfig, Device
 from compressor_svc.metrics import CompressorMetrics
 from compressor_svc.service import CompressorServicer, add_to_server
 from store_svc.auth import open_tokens
 from store_svc.interceptors import CallInterceptor
+from store_svc.limits import Admission
 from store_svc.serving import (
     HealthPort,
     add_health_and_reflection,
@@ -103,7 +105,14 @@ def build_server(config: CompressorConfig) -> CompressorServer:
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="compressor"),
-        interceptors=[CallInterceptor(observe, open_tokens(config.auth_tokens))],
+        interceptors=[
+            CallInterceptor(
+                observe,
+                open_tokens(config.auth_tokens),
+                admission=Admission(config.limits),
+                forward_caller=True,
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -111,7 +120,11 @@ def build_server(config: CompressorConfig) -> CompressorServer:
     )
     servicer = CompressorServicer(
         config,
-        lambda: StoreClient(config.store, timeout=config.store_timeout_seconds),
+        lambda: StoreClient(
+            config.store,
+            channel=open_channel(config.store, forward_caller=True),
+            timeout=config.store_timeout_seconds,
+        ),
         metrics,
         device,
     )

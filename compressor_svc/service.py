@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -26,8 +27,10 @@ from compressor_svc.reconstruct import (
     stream_rebuilt_from,
 )
 from compressor_svc.requests import CompressSpec, PlanSpec
+from store_svc.limits import current_lease
 from store_svc.serving import add_service
 
+log = logging.getLogger(__name__)
 R = TypeVar("R", compressor_pb2.CompressRequest, compressor_pb2.PlanRequest)
 Frame = tuple[compressor_pb2.TensorFrame, memoryview]
 """A received frame and, apart from it, its bytes."""
@@ -68,7 +71,9 @@ class CompressorServicer:
             self._metrics.inflight_streams.dec()
 
     def _pairer(self) -> InputPairer:
-        return InputPairer(self._config.max_tensor_bytes, self._config.max_inflight_bytes)
+        return InputPairer(
+            self._config.max_tensor_bytes, self._config.max_inflight_bytes, current_lease()
+        )
 
     def _frames(self, requests: Iterator[WithBytes[R]], rpc: str) -> Iterator[Frame]:
         """Frames until End; InvalidInput if the stream stops without one."""
@@ -108,6 +113,15 @@ class CompressorServicer:
                         continue
                     event = session.upload(encoding)
                     del encoding  # and the encoding before the next tensor's frames arrive
+                    log.debug(
+                        "compress %s: %s as %s, %.1fx, %d new bytes, %.2fs",
+                        spec.ref or "(no ref)",
+                        event.name,
+                        event.method,
+                        event.ratio,
+                        event.new_chunk_bytes,
+                        event.seconds,
+                    )
                     yield compressor_pb2.CompressResponse(tensor=event)
                 pairer.finish()
                 yield from session.finish()

@@ -11,7 +11,13 @@ from pathlib import Path
 from store_svc.cas import CompressionPolicy
 from store_svc.config import BackendKind, S3Settings, StoreConfig
 from store_svc.server import serve
-from store_svc.serving import add_security_flags, run_command, server_tls_from_args
+from store_svc.serving import (
+    add_limit_flags,
+    add_security_flags,
+    limits_from_args,
+    run_command,
+    server_tls_from_args,
+)
 
 _DEFAULTS = StoreConfig(root=Path("."))
 
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("shutdown-grace-seconds", _DEFAULTS.shutdown_grace_seconds),
         help="time in-flight calls get to finish after SIGTERM (default 30)",
     )
+    add_limit_flags(p, _env, _DEFAULTS.limits)
     add_security_flags(p, _env)
     p.add_argument("--log-level", default=_env("log-level", "INFO"), help="logging level")
     return p
@@ -170,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
         tls=server_tls_from_args(args),
         health_port=int(args.health_port),
         auth_tokens=args.auth_tokens,
+        limits=limits_from_args(args),
     )
 
 

@@ -3,10 +3,17 @@
 A tokens file (JSON) names each caller, its role and its token, in plain text or as the
 SHA-256 of it (so the file need not hold the secret itself)::
 
-    {"tokens": [
-        {"name": "pipeline", "role": "writer", "sha256": "9f86d08..."},
+    {"tenants": {"team-a": {"quota_bytes": 107374182400}},
+     "tokens": [
+        {"name": "pipeline", "role": "writer", "sha256": "9f86d08...", "tenant": "team-a"},
         {"name": "dashboard", "role": "reader", "token": "..."}
     ]}
+
+A token with a ``tenant`` is confined to it (``store_svc.tenancy``): its refs are those of
+the namespace of that name, it sees only the chunks and manifests it uploaded itself, and
+its chunk bytes are capped by the tenant's ``quota_bytes`` (absent: no cap). A token
+without one is unconfined (operators, the compressor's own identity). Only unconfined
+admins collect garbage or verify the whole store.
 
 Calls carry ``authorization: Bearer <token>``. A presented token is hashed and compared
 with every entry's digest in constant time (``hmac.compare_digest``, no early exit), so
@@ -33,7 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from store_svc.errors import PermissionDenied, Unauthenticated
+from store_svc.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from store_svc.identity import Tenant
+from store_svc.refs import RefName
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +84,55 @@ class Principal:
     name: str
     role: Role
     digest: bytes
+    tenant: Tenant | None = None
+
+
+def _tenants(section: object) -> dict[str, Tenant]:
+    """The ``tenants`` section: name -> quota. A name must be a valid ref namespace."""
+    if not isinstance(section, dict):
+        raise ValueError("tenants must be an object of name: {quota_bytes}")
+    tenants = {}
+    for name, settings in section.items():
+        try:
+            RefName.parse(f"{name}/x")
+        except InvalidArgument:
+            raise ValueError(f"tenant {name!r} is not a valid ref namespace") from None
+        quota = dict(settings).get("quota_bytes")
+        if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int)):
+            raise ValueError(f"tenant {name!r}: quota_bytes must be an integer")
+        if quota is not None and quota < 0:
+            raise ValueError(f"tenant {name!r}: quota_bytes must not be negative")
+        tenants[name] = Tenant(name, quota)
+    return tenants
+
+
+def _principal(entry: dict[str, object], tenants: dict[str, Tenant]) -> Principal:
+    name = str(entry["name"])
+    role = Role[str(entry["role"]).upper()]
+    if ("token" in entry) == ("sha256" in entry):
+        raise ValueError(f"{name!r} needs exactly one of token, sha256")
+    if "token" in entry:
+        digest = _digest(str(entry["token"]))
+    else:
+        digest = bytes.fromhex(str(entry["sha256"]))
+    if len(digest) != hashlib.sha256().digest_size:
+        raise ValueError(f"{name!r}: sha256 is not 32 bytes of hex")
+    tenant = None
+    if "tenant" in entry:
+        # A tenant without a ``tenants`` entry has no quota.
+        tenant_name = str(entry["tenant"])
+        tenant = tenants.get(tenant_name) or _tenants({tenant_name: {}})[tenant_name]
+    return Principal(name, role, digest, tenant)
 
 
 def parse_tokens(text: str, source: str) -> list[Principal]:
     """The entries of a tokens file; ValueError naming ``source`` when malformed."""
     try:
-        entries = json.loads(text)["tokens"]
-        principals = []
-        for entry in entries:
-            role = Role[str(entry["role"]).upper()]
-            if ("token" in entry) == ("sha256" in entry):
-                raise ValueError(f"{entry.get('name')!r} needs exactly one of token, sha256")
-            digest = _digest(entry["token"]) if "token" in entry else bytes.fromhex(entry["sha256"])
-            if len(digest) != hashlib.sha256().digest_size:
-                raise ValueError(f"{entry.get('name')!r}: sha256 is not 32 bytes of hex")
-            principals.append(Principal(str(entry["name"]), role, digest))
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        detail = f"unknown role {exc}" if isinstance(exc, KeyError) else str(exc)
+        document = json.loads(text)
+        tenants = _tenants(document.get("tenants", {}))
+        principals = [_principal(entry, tenants) for entry in document["tokens"]]
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
+        detail = f"unknown role or missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise ValueError(f"tokens file {source}: {detail}") from None
     if not principals:
         raise ValueError(f"tokens file {source} names no tokens")

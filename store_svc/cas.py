@@ -11,6 +11,7 @@ import enum
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import zstandard
 
@@ -53,6 +54,13 @@ class CompressionPolicy(enum.Enum):
     """zstd when it saves at least 3%, else raw."""
 
 
+def check_digest(digest: Digest, data: bytes) -> None:
+    """``ChunkDigestMismatch`` unless ``data`` hashes to ``digest``."""
+    actual = Digest.of(data, digest.algorithm)
+    if actual != digest:
+        raise ChunkDigestMismatch(digest, actual)
+
+
 def chunk_key(digest: Digest) -> str:
     """Object key of a chunk: ``chunks/<algorithm>/<2 hex>/<64 hex>``."""
     return f"{CHUNK_PREFIX}{digest.algorithm.value}/{digest.hex[:2]}/{digest.hex}"
@@ -67,8 +75,16 @@ def digest_from_chunk_key(key: str) -> Digest:
 class PutResult:
     written: bool
     """False when the chunk was already stored (deduplicated)."""
-    stored_bytes: int
-    """Size of the stored object, header included."""
+
+
+class ChunkSink(Protocol):
+    """Where an upload stores verified chunks: the ``ChunkStore`` itself, or a tenant's
+    view of it (``store_svc.repository``)."""
+
+    @property
+    def max_chunk_bytes(self) -> int: ...
+
+    def put(self, digest: Digest, data: bytes, *, verified: bool = False) -> PutResult: ...
 
 
 class ChunkStore:
@@ -103,11 +119,8 @@ class ChunkStore:
         ``verified=True`` only when the caller has just hashed ``data`` itself.
         """
         if not verified:
-            actual = Digest.of(data, digest.algorithm)
-            if actual != digest:
-                raise ChunkDigestMismatch(digest, actual)
-        stored = self._encode(data)
-        return PutResult(self._backend.put_if_absent(chunk_key(digest), stored), len(stored))
+            check_digest(digest, data)
+        return PutResult(self._backend.put_if_absent(chunk_key(digest), self._encode(data)))
 
     def get(self, digest: Digest) -> memoryview:
         """The chunk's raw bytes, verified, as a read-only view (chunks are megabytes: the

@@ -9,8 +9,10 @@ from pathlib import Path
 from clients.tls import ServerTls
 from clients.wire import HEAP_FRAME_BYTES
 from store_svc.cas import CompressionPolicy
+from store_svc.limits import Limits
 
 MiB = 1 << 20
+DEFAULT_LIMITS = Limits(max_bytes=4 << 30)
 
 
 class BackendKind(enum.Enum):
@@ -72,6 +74,9 @@ class StoreConfig:
     """Chunks each stream writes or prefetches concurrently, overlapping network and storage."""
     shutdown_grace_seconds: float = 30.0
     """On SIGTERM, in-flight calls get this long to finish."""
+    limits: Limits = DEFAULT_LIMITS
+    """Streams and bytes in flight (``store_svc.limits``). By default only the bytes held
+    by all streams are capped; a stream holds at most ``stream_window + 1`` chunks."""
 
     def __post_init__(self) -> None:
         if self.backend is BackendKind.LOCAL and self.root is None:

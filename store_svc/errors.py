@@ -33,6 +33,19 @@ class FrameTooLarge(StoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class QuotaExceeded(StoreError):
+    """A tenant's upload would take it past its byte quota; nothing of it was written."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, tenant: str, held: int, size: int, quota: int) -> None:
+        super().__init__(
+            f"tenant {tenant!r} holds {held} of its {quota} quota bytes; a chunk of {size} "
+            "bytes would exceed it (nothing was written): delete refs and have an admin "
+            "collect garbage, or raise the quota"
+        )
+
+
 class NotFound(StoreError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -9,11 +9,17 @@ again, for what moved or was committed since the mark began) and the deletes run
 exclusive side of the commit lock, which every manifest commit and ref move holds the
 shared side of: a manifest can never be committed against a chunk being swept, nor a ref
 moved to a manifest being swept.
+
+Tenants' markers (``store_svc.tenancy``) are swept in the same pass: a marker survives
+while the tenant's own refs reach what it names, or while it is younger than the grace
+period (and then it keeps what it names alive too: an upload in flight). Markers are
+deleted before the objects they name, so a marker never names a swept object.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -29,6 +35,7 @@ from store_svc.manifests import (
     digest_from_manifest_key,
 )
 from store_svc.refs import RefStore
+from store_svc.tenancy import Kind, Marker, TenantLedger
 
 
 @dataclass
@@ -47,6 +54,15 @@ class GcStats:
 class _Mark:
     manifests: set[Digest] = field(default_factory=set)
     chunks: set[Digest] = field(default_factory=set)
+    chunks_of: dict[Digest, list[Digest]] = field(default_factory=dict)
+    """Each live manifest's chunks."""
+    reach: defaultdict[str, set[Digest]] = field(default_factory=lambda: defaultdict(set))
+    """Per ref namespace (= tenant): the manifests and chunks its refs keep alive."""
+
+    def reach_from(self, namespace: str, manifest: Digest) -> None:
+        if manifest in self.manifests:
+            self.reach[namespace].add(manifest)
+            self.reach[namespace].update(self.chunks_of[manifest])
 
 
 class GarbageCollector:
@@ -55,11 +71,13 @@ class GarbageCollector:
         backend: Backend,
         manifests: ManifestStore,
         refs: RefStore,
+        tenants: TenantLedger,
         lock: SharedExclusiveLock,
     ) -> None:
         self._backend = backend
         self._manifests = manifests
         self._refs = refs
+        self._tenants = tenants
         self._lock = lock
 
     def collect(self, *, grace_seconds: float, dry_run: bool = False) -> GcStats:
@@ -75,23 +93,46 @@ class GarbageCollector:
             # No commit or ref move is in flight now: mark what refs moved to and what was
             # committed since the first pass (a manifest older than the grace period that a
             # ref moved to meanwhile would otherwise be swept from under it).
-            for target in self._refs.all_targets():
+            for ref, target in self._refs.list():
                 self._mark_manifest(mark, target)
+                mark.reach_from(ref.namespace, target)
             manifests = list(self._backend.list(MANIFEST_PREFIX))
             self._mark_young_manifests(mark, manifests, cutoff)
-            doomed_chunks = [(k, s) for k, d, s in chunk_candidates if d not in mark.chunks]
+            markers = list(self._tenants.markers())
+            claimed = self._mark_young_claims(mark, markers, cutoff)
+            kept = mark.chunks | claimed
+            doomed_chunks = [(k, s) for k, d, s in chunk_candidates if d not in kept]
+            claimed_only = claimed - mark.chunks
+            stats.chunks_in_grace += sum(d in claimed_only for _, d, _ in chunk_candidates)
             doomed_manifests = [
                 (info.key, info.size)
                 for info in manifests
                 if digest_from_manifest_key(info.key) not in mark.manifests
             ]
+            doomed_markers = [m.info.key for m in markers if not _keeps(mark, m, cutoff)]
             if not dry_run:
-                for key, _ in doomed_chunks + doomed_manifests:
+                for key in doomed_markers + [k for k, _ in doomed_chunks + doomed_manifests]:
                     self._backend.delete(key)
+                if doomed_markers:
+                    self._tenants.forget_usage()
         stats.manifests_live, stats.chunks_live = len(mark.manifests), len(mark.chunks)
         stats.chunks_swept, stats.manifests_swept = len(doomed_chunks), len(doomed_manifests)
         stats.bytes_freed = sum(size for _, size in doomed_chunks + doomed_manifests)
         return stats
+
+    def _mark_young_claims(self, mark: _Mark, markers: list[Marker], cutoff: float) -> set[Digest]:
+        """Keep what young markers name (a tenant's upload or commit in flight, perhaps of
+        content already stored long ago); returns the chunks young chunk markers name."""
+        claimed = set()
+        for marker in markers:
+            if marker.info.modified < cutoff:
+                continue
+            if marker.kind is Kind.CHUNK:
+                claimed.add(marker.digest)
+            else:
+                self._mark_manifest(mark, marker.digest)
+                mark.reach_from(marker.tenant, marker.digest)
+        return claimed
 
     def _mark_manifest(self, mark: _Mark, digest: Digest) -> None:
         if digest in mark.manifests:
@@ -101,7 +142,8 @@ class GarbageCollector:
         except StoreError:  # absent or corrupt: nothing of it can be kept alive
             return
         mark.manifests.add(digest)
-        mark.chunks.update(chunk_digests(manifest))
+        mark.chunks_of[digest] = chunk_digests(manifest)
+        mark.chunks.update(mark.chunks_of[digest])
 
     def _mark_young_manifests(
         self, mark: _Mark, manifests: Iterable[ObjectInfo], cutoff: float
@@ -123,3 +165,8 @@ class GarbageCollector:
             else:
                 candidates.append((info.key, digest, info.size))
         return candidates
+
+
+def _keeps(mark: _Mark, marker: Marker, cutoff: float) -> bool:
+    """Whether a tenant's marker survives: young, or naming what its own refs reach."""
+    return marker.info.modified >= cutoff or marker.digest in mark.reach[marker.tenant]

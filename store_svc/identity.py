@@ -1,15 +1,12 @@
 """Who is calling: read from call metadata in exactly one place.
 
-The server's interceptor calls ``caller_from_metadata`` once per RPC and sets
+The server's interceptor authenticates each RPC (``store_svc.auth``) and sets
 ``current_caller`` for the handler's duration; handlers ask ``current_caller.get()``.
-Today every caller is anonymous and may use every namespace. TLS identities, bearer
-tokens and tenants plug in here without changing the API or the handlers, which ask only
-``caller.may_use(namespace)``.
+Without a tokens file every caller is the anonymous, unconfined caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -17,20 +14,27 @@ ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
+class Tenant:
+    """A tenant owns one ref namespace (its name) and the chunks and manifests it
+    uploaded (``store_svc.tenancy``), up to ``quota_bytes`` of chunk bytes (None: no cap)."""
+
+    name: str
+    quota_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class Caller:
     principal: str
-    namespaces: frozenset[str] | None
-    """Namespaces this caller may use; None means all."""
+    tenant: Tenant | None = None
+    """The tenant the caller is confined to; None: unconfined (operators, no auth)."""
 
     def may_use(self, namespace: str) -> bool:
-        return self.namespaces is None or namespace in self.namespaces
+        return self.tenant is None or namespace == self.tenant.name
 
 
-def caller_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> Caller:
-    """The caller behind a call's invocation metadata."""
-    del metadata  # no authentication configured: everyone is the anonymous caller
-    return Caller(ANONYMOUS, None)
-
+ANONYMOUS_CALLER = Caller(ANONYMOUS)
+"""Every caller of a service without a tokens file."""
 
 current_caller: ContextVar[Caller] = ContextVar("current_caller")
-"""The caller of the RPC being handled on this thread."""
+"""The caller of the RPC being handled on this thread (unset outside a handler: no default,
+so a handler reached without the interceptor fails instead of running unconfined)."""

@@ -1,5 +1,6 @@
 """The one wrapper every RPC runs in: it authenticates and authorizes the caller
-(:mod:`store_svc.auth`), turns exceptions into gRPC statuses and records per-RPC metrics.
+(:mod:`store_svc.auth`), admits streams within the limits (:mod:`store_svc.limits`), turns
+exceptions into gRPC statuses and records per-RPC metrics.
 
 Streaming handlers are wrapped *while they are iterated*, so an error raised mid-stream
 is mapped like any other. Domain errors carry their status code and structured details;
@@ -13,23 +14,42 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from clients.channel import forwarded_authorization
 from clients.errors import DeltaVaultError
 from store_svc.auth import TokenTable
 from store_svc.backends.base import BackendError, BackendUnavailable, ObjectNotFound
 from store_svc.errors import StoreError
-from store_svc.identity import Caller, caller_from_metadata, current_caller
+from store_svc.identity import ANONYMOUS_CALLER, Caller, current_caller
+from store_svc.limits import Admission, client_of, leasing
 
 log = logging.getLogger(__name__)
 
 Observer = Callable[[str, grpc.StatusCode, float], None]
 """Called once per RPC with (method name, final status code, seconds)."""
+V = TypeVar("V")
+
+
+@contextmanager
+def _bound(var: ContextVar[V], value: V) -> Iterator[None]:
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def _authorization(context: grpc.ServicerContext) -> str | None:
+    header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+    return header.decode(errors="replace") if isinstance(header, bytes) else header
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any]]:
@@ -43,6 +63,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any]]:
         return grpc.StatusCode.UNAVAILABLE, f"object store unavailable: {exc}", []
     if isinstance(exc, BackendError):
         return grpc.StatusCode.INTERNAL, f"object store error: {exc}", []
+    if isinstance(exc, grpc.RpcError):  # reading the request stream: the client went away
+        return grpc.StatusCode.CANCELLED, "the client cancelled the call", []
     return grpc.StatusCode.INTERNAL, "internal error; the server log has the details", []
 
 
@@ -69,17 +91,46 @@ def _fail(context: grpc.ServicerContext, exc: Exception) -> grpc.StatusCode:
 
 class CallInterceptor(grpc.ServerInterceptor):
     """Wraps each handler: the caller is authenticated and authorized (with ``tokens``;
-    without, everyone is the anonymous caller), ``current_caller`` is set for the
-    handler's duration, errors are mapped to statuses, and ``observe`` sees the outcome."""
+    without, everyone is the anonymous caller) and ``current_caller`` set for the handler's
+    duration; a streaming call holds a slot and a byte lease of ``admission``; with
+    ``forward_caller`` the caller's ``authorization`` is what this service's own calls
+    send on its behalf (``clients.channel.forwarded_authorization``); errors are mapped to
+    statuses, and ``observe`` sees the outcome."""
 
-    def __init__(self, observe: Observer, tokens: TokenTable | None = None) -> None:
+    def __init__(
+        self,
+        observe: Observer,
+        tokens: TokenTable | None = None,
+        *,
+        admission: Admission | None = None,
+        forward_caller: bool = False,
+    ) -> None:
         self._observe = observe
         self._tokens = tokens
+        self._admission = admission
+        self._forward_caller = forward_caller
 
     def _caller(self, full_method: str, context: grpc.ServicerContext) -> Caller:
-        metadata = context.invocation_metadata()
-        principal = None if self._tokens is None else self._tokens.authorize(full_method, metadata)
-        return caller_from_metadata(metadata) if principal is None else Caller(principal.name, None)
+        if self._tokens is None:
+            return ANONYMOUS_CALLER
+        principal = self._tokens.authorize(full_method, context.invocation_metadata())
+        return ANONYMOUS_CALLER if principal is None else Caller(principal.name, principal.tenant)
+
+    @contextmanager
+    def _handling(
+        self, full_method: str, context: grpc.ServicerContext, streaming: bool
+    ) -> Iterator[None]:
+        """The call's surroundings: its caller, its forwarded credentials, its stream slot."""
+        caller = self._caller(full_method, context)
+        with ExitStack() as stack:
+            stack.enter_context(_bound(current_caller, caller))
+            if self._forward_caller:
+                stack.enter_context(_bound(forwarded_authorization, _authorization(context)))
+            if streaming and self._admission is not None:
+                principal = None if caller is ANONYMOUS_CALLER else caller.principal
+                client = client_of(principal, context.peer())
+                stack.enter_context(leasing(stack.enter_context(self._admission.stream(client))))
+            yield
 
     def intercept_service(
         self,
@@ -96,11 +147,11 @@ class CallInterceptor(grpc.ServerInterceptor):
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_call(full_method, handler.unary_unary), **kwargs
+                self._wrap_call(full_method, handler.unary_unary, streaming=False), **kwargs
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_call(full_method, handler.stream_unary), **kwargs
+                self._wrap_call(full_method, handler.stream_unary, streaming=True), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -111,21 +162,21 @@ class CallInterceptor(grpc.ServerInterceptor):
             self._wrap_stream(full_method, handler.stream_stream), **kwargs
         )
 
-    def _wrap_call(self, full_method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_call(
+        self, full_method: str, behavior: Callable[..., Any], *, streaming: bool
+    ) -> Callable[..., Any]:
         method = full_method.rsplit("/", 1)[-1]
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            start, code, token = time.perf_counter(), grpc.StatusCode.OK, None
+            start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                token = current_caller.set(self._caller(full_method, context))
-                return behavior(request, context)
+                with self._handling(full_method, context, streaming):
+                    return behavior(request, context)
             except Exception as exc:
                 code = _fail(context, exc)
                 # Abort rather than return None, which gRPC would try to serialize.
                 context.abort(code, _status_for(exc)[1])
             finally:
-                if token is not None:
-                    current_caller.reset(token)
                 self._observe(method, code, time.perf_counter() - start)
 
         return wrapped
@@ -134,18 +185,16 @@ class CallInterceptor(grpc.ServerInterceptor):
         method = full_method.rsplit("/", 1)[-1]
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            start, code, token = time.perf_counter(), grpc.StatusCode.OK, None
+            start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                token = current_caller.set(self._caller(full_method, context))
-                yield from behavior(request, context)
+                with self._handling(full_method, context, streaming=True):
+                    yield from behavior(request, context)
             except GeneratorExit:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
                 code = _fail(context, exc)
             finally:
-                if token is not None:
-                    current_caller.reset(token)
                 self._observe(method, code, time.perf_counter() - start)
 
         return wrapped

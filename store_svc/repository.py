@@ -1,22 +1,40 @@
 """The store's data plane: chunks, manifests, refs, GC and verification over one backend.
 
 The gRPC servicer only translates messages to calls on a ``Repository``; anything that
-decides something lives here or in the modules it composes.
+decides something lives here or in the modules it composes. Calls made for a tenant
+(``tenant`` not None) see only what that tenant stored (``store_svc.tenancy``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from store_svc.backends.base import Backend, BackendError
-from store_svc.cas import ChunkStore, CompressionPolicy, chunk_key
+from store_svc.cas import ChunkSink, ChunkStore, CompressionPolicy, chunk_key
 from store_svc.digest import Digest
-from store_svc.errors import ChunkNotFound, CorruptObject, FailedPrecondition, StoreError
+from store_svc.errors import (
+    ChunkNotFound,
+    CorruptObject,
+    FailedPrecondition,
+    MissingChunks,
+    NotFound,
+    PermissionDenied,
+    StoreError,
+)
 from store_svc.gc import GarbageCollector, GcStats
+from store_svc.identity import Tenant
 from store_svc.locking import SharedExclusiveLock
-from store_svc.manifests import CommitResult, ManifestStore, chunk_digests, manifest_key
+from store_svc.manifests import (
+    CommitResult,
+    ManifestStore,
+    chunk_digests,
+    manifest_key,
+    validate,
+)
 from store_svc.refs import RefName, RefStore
+from store_svc.tenancy import Kind, TenantChunks, TenantLedger
 
 
 @dataclass(frozen=True)
@@ -57,19 +75,55 @@ class Repository:
         self.chunks = ChunkStore(backend, policy=compression, max_chunk_bytes=max_chunk_bytes)
         self.manifests = ManifestStore(backend, self.chunks)
         self.refs = RefStore(backend)
-        self._gc = GarbageCollector(backend, self.manifests, self.refs, self._lock)
+        self.tenants = TenantLedger(backend)
+        self._gc = GarbageCollector(backend, self.manifests, self.refs, self.tenants, self._lock)
 
     def close(self) -> None:
-        """Stop the chunk store's probe threads and release the backend."""
+        """Stop the probe threads and release the backend."""
         self.chunks.close()
+        self.tenants.close()
         self.backend.close()
 
+    def missing_chunks(self, digests: Sequence[Digest], tenant: Tenant | None) -> list[Digest]:
+        """Which of ``digests`` the store (or the tenant) lacks, in order, without repeats."""
+        if tenant is None:
+            return self.chunks.missing(digests)
+        return self.tenants.unowned(tenant.name, Kind.CHUNK, digests)
+
+    def chunk_sink(self, tenant: Tenant | None) -> ChunkSink:
+        """Where an upload for ``tenant`` stores its chunks."""
+        return self.chunks if tenant is None else TenantChunks(self.chunks, self.tenants, tenant)
+
+    def get_chunk(self, digest: Digest, tenant: Tenant | None) -> memoryview:
+        """A chunk's verified bytes; absent for a tenant that did not upload it."""
+        if tenant is not None and not self.tenants.owns(tenant.name, Kind.CHUNK, digest):
+            raise ChunkNotFound([digest], context="read")
+        return self.chunks.get(digest)
+
+    def get_manifest(self, digest: Digest, tenant: Tenant | None) -> common_pb2.Manifest:
+        if not self._has_manifest(digest, tenant):
+            raise NotFound(f"no manifest {digest}")
+        return self.manifests.get(digest)
+
     def commit(
-        self, manifest: common_pb2.Manifest, move: RefMove | None = None
+        self,
+        manifest: common_pb2.Manifest,
+        move: RefMove | None = None,
+        tenant: Tenant | None = None,
     ) -> tuple[CommitResult, Digest | None]:
-        """Store a manifest and optionally move a ref to it; returns the ref's old target."""
+        """Store a manifest and optionally move a ref to it; returns the ref's old target.
+        A tenant's manifest may name only chunks the tenant uploaded, and it learns only
+        whether *it* had committed the manifest before."""
         with self._lock.shared():
+            if tenant is not None:
+                validate(manifest)
+                unowned = self.tenants.unowned(tenant.name, Kind.CHUNK, chunk_digests(manifest))
+                if unowned:
+                    raise MissingChunks(unowned, context="manifest not committed")
             result = self.manifests.commit(manifest)
+            if tenant is not None:
+                new = self.tenants.claim_manifest(tenant.name, result.digest)
+                result = replace(result, already_present=not new)
             previous = None
             if move is not None:
                 previous = self.refs.update(
@@ -77,12 +131,14 @@ class Repository:
                 )
         return result, previous
 
-    def update_ref(self, target: Digest, move: RefMove) -> Digest | None:
+    def update_ref(
+        self, target: Digest, move: RefMove, tenant: Tenant | None = None
+    ) -> Digest | None:
         """Point a ref at a stored manifest (compare-and-swap); returns the old target. The
         check and the move hold the commit lock, so a sweep cannot take the manifest between
         them."""
         with self._lock.shared():
-            if not self.manifests.exists(target):
+            if not self._has_manifest(target, tenant):
                 raise FailedPrecondition(
                     f"no manifest {target}: commit it before pointing a ref at it"
                 )
@@ -91,8 +147,14 @@ class Repository:
     def collect_garbage(self, *, grace_seconds: float, dry_run: bool) -> GcStats:
         return self._gc.collect(grace_seconds=grace_seconds, dry_run=dry_run)
 
-    def verify(self, manifest: Digest | None = None) -> VerifyReport:
-        """Re-hash one manifest and its chunks, or every stored object."""
+    def verify(self, manifest: Digest | None = None, tenant: Tenant | None = None) -> VerifyReport:
+        """Re-hash one manifest and its chunks, or every stored object (not for a tenant)."""
+        if manifest is None and tenant is not None:
+            raise PermissionDenied(
+                f"tenant {tenant.name!r} may verify its own manifests only: name one"
+            )
+        if manifest is not None and not self._has_manifest(manifest, tenant):
+            raise NotFound(f"no manifest {manifest}")
         report = VerifyReport()
         if manifest is not None:
             chunks = self._verify_manifest(manifest, report)
@@ -103,6 +165,11 @@ class Repository:
         for digest in chunks:
             self._verify_chunk(digest, report)
         return report
+
+    def _has_manifest(self, digest: Digest, tenant: Tenant | None) -> bool:
+        if tenant is None:
+            return self.manifests.exists(digest)
+        return self.tenants.owns(tenant.name, Kind.MANIFEST, digest)
 
     def _verify_manifest(self, digest: Digest, report: VerifyReport) -> list[Digest]:
         report.manifests_checked += 1

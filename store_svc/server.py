@@ -16,6 +16,7 @@ from store_svc.backends.base import Backend
 from store_svc.backends.instrumented import InstrumentedBackend
 from store_svc.config import BackendKind, StoreConfig
 from store_svc.interceptors import CallInterceptor
+from store_svc.limits import Admission
 from store_svc.metrics import StoreMetrics
 from store_svc.repository import Repository
 from store_svc.service import DeltaStoreServicer, add_to_server
@@ -102,7 +103,11 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="store-rpc"),
-        interceptors=[CallInterceptor(observe, open_tokens(config.auth_tokens))],
+        interceptors=[
+            CallInterceptor(
+                observe, open_tokens(config.auth_tokens), admission=Admission(config.limits)
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -15,7 +15,8 @@ from clients.wire import WithBytes, bytes_field_parser, serialize_with_bytes
 from store_svc.config import StoreConfig
 from store_svc.digest import Digest
 from store_svc.errors import InvalidArgument, NotFound, PermissionDenied
-from store_svc.identity import current_caller
+from store_svc.identity import Tenant, current_caller
+from store_svc.limits import current_lease
 from store_svc.metrics import StoreMetrics
 from store_svc.refs import RefName
 from store_svc.repository import RefMove, Repository
@@ -51,6 +52,11 @@ def _optional_digest(present: bool, message: common_pb2.Digest, what: str) -> Di
     return _digest(message, what) if present else None
 
 
+def _tenant() -> Tenant | None:
+    """The tenant the caller is confined to, if any."""
+    return current_caller.get().tenant
+
+
 def _ref(text: str) -> RefName:
     """A ref name the caller may use."""
     ref = RefName.parse(text)
@@ -60,11 +66,18 @@ def _ref(text: str) -> RefName:
     return ref
 
 
-def _prefix_allowed(prefix: str) -> None:
+def _list_prefix(prefix: str) -> str:
+    """The ref prefix to list: a tenant's empty prefix is its own namespace; a prefix
+    outside it is refused."""
     caller = current_caller.get()
-    namespace = prefix.split("/", 1)[0]
-    if caller.namespaces is not None and ("/" not in prefix or not caller.may_use(namespace)):
-        raise PermissionDenied(f"{caller.principal} may list only within its own namespaces")
+    if caller.tenant is None:
+        return prefix
+    own = f"{caller.tenant.name}/"
+    if not prefix:
+        return own
+    if not prefix.startswith(own):
+        raise PermissionDenied(f"{caller.principal} may list only refs under {own!r}")
+    return prefix
 
 
 class DeltaStoreServicer:
@@ -83,7 +96,7 @@ class DeltaStoreServicer:
         self, request: store_pb2.MissingChunksRequest, context: grpc.ServicerContext
     ) -> store_pb2.MissingChunksResponse:
         digests = [_digest(d, "digests") for d in request.digests]
-        missing = self._repo.chunks.missing(digests)
+        missing = self._repo.missing_chunks(digests, _tenant())
         return store_pb2.MissingChunksResponse(missing=[d.to_proto() for d in missing])
 
     def PutChunks(
@@ -92,7 +105,11 @@ class DeltaStoreServicer:
         context: grpc.ServicerContext,
     ) -> store_pb2.PutChunksResponse:
         assembler = ChunkAssembler(
-            self._repo.chunks, self._config.max_frame_bytes, self._io, self._config.stream_window
+            self._repo.chunk_sink(_tenant()),
+            self._config.max_frame_bytes,
+            self._io,
+            self._config.stream_window,
+            current_lease(),
         )
         for frame, data in request_iterator:
             self._metrics.received_bytes.inc(len(data))
@@ -112,29 +129,39 @@ class DeltaStoreServicer:
     ) -> Iterator[bytes]:
         """Frames serialized around their data (:mod:`clients.wire`)."""
         ranges = [(_digest(r.digest, "ranges.digest"), r.offset, r.length) for r in request.ranges]
-        frame = self._config.reply_frame_bytes
+        tenant, lease = _tenant(), current_lease()
         fetched = prefetch(
-            self._io, self._repo.chunks.get, [d for d, _, _ in ranges], self._config.stream_window
+            self._io,
+            lambda digest: self._repo.get_chunk(digest, tenant),
+            [d for d, _, _ in ranges],
+            self._config.stream_window,
         )
         for (digest, offset, length), data in zip(ranges, fetched, strict=True):
-            # chunks.get verified the bytes before any of them is sent
-            end = len(data) if length == 0 else offset + length
-            if offset > len(data) or end > len(data):
-                raise InvalidArgument(
-                    f"range [{offset}, {end}) is outside chunk {digest} of {len(data)} bytes"
-                )
-            view = data
-            start = offset
-            while True:
-                stop = min(start + frame, end)
-                self._metrics.sent_bytes.inc(stop - start)
-                head = store_pb2.GetChunksResponse(
-                    digest=digest.to_proto(), offset=start, last=stop == end
-                )
-                yield serialize_with_bytes(head, "data", view[start:stop])
-                if stop == end:
-                    break
-                start = stop
+            # get_chunk verified the bytes before any of them is sent
+            lease.acquire(len(data))
+            yield from self._range_frames(digest, data, offset, length)
+            lease.release(len(data))
+
+    def _range_frames(
+        self, digest: Digest, data: memoryview, offset: int, length: int
+    ) -> Iterator[bytes]:
+        """The frames of ``data[offset:offset + length]`` (length 0: to the end)."""
+        end = len(data) if length == 0 else offset + length
+        if offset > len(data) or end > len(data):
+            raise InvalidArgument(
+                f"range [{offset}, {end}) is outside chunk {digest} of {len(data)} bytes"
+            )
+        start = offset
+        while True:
+            stop = min(start + self._config.reply_frame_bytes, end)
+            self._metrics.sent_bytes.inc(stop - start)
+            head = store_pb2.GetChunksResponse(
+                digest=digest.to_proto(), offset=start, last=stop == end
+            )
+            yield serialize_with_bytes(head, "data", data[start:stop])
+            if stop == end:
+                return
+            start = stop
 
     def CommitManifest(
         self, request: store_pb2.CommitManifestRequest, context: grpc.ServicerContext
@@ -147,7 +174,7 @@ class DeltaStoreServicer:
                 "expected_ref_target",
             )
             move = RefMove(_ref(request.ref), expected, request.force_ref)
-        result, _ = self._repo.commit(request.manifest, move)
+        result, _ = self._repo.commit(request.manifest, move, _tenant())
         return store_pb2.CommitManifestResponse(
             digest=result.digest.to_proto(),
             already_present=result.already_present,
@@ -159,7 +186,7 @@ class DeltaStoreServicer:
         self, request: store_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> store_pb2.GetManifestResponse:
         digest = _digest(request.digest, "digest")
-        manifest = self._repo.manifests.get(digest)
+        manifest = self._repo.get_manifest(digest, _tenant())
         return store_pb2.GetManifestResponse(manifest=manifest, digest=digest.to_proto())
 
     def UpdateRef(
@@ -168,7 +195,7 @@ class DeltaStoreServicer:
         ref = _ref(request.ref)
         target = _digest(request.target, "target")
         expected = _optional_digest(request.HasField("expected"), request.expected, "expected")
-        previous = self._repo.update_ref(target, RefMove(ref, expected, request.force))
+        previous = self._repo.update_ref(target, RefMove(ref, expected, request.force), _tenant())
         response = store_pb2.UpdateRefResponse()
         if previous is not None:
             response.previous.CopyFrom(previous.to_proto())
@@ -186,11 +213,11 @@ class DeltaStoreServicer:
     def ListRefs(
         self, request: store_pb2.ListRefsRequest, context: grpc.ServicerContext
     ) -> store_pb2.ListRefsResponse:
-        _prefix_allowed(request.prefix)
+        prefix = _list_prefix(request.prefix)
         limit = min(request.page_size or self._config.list_page_size, self._config.list_page_size)
         after = RefName.parse(request.page_token) if request.page_token else None
         response = store_pb2.ListRefsResponse()
-        for ref, target in self._repo.refs.list(request.prefix, start_after=after):
+        for ref, target in self._repo.refs.list(prefix, start_after=after):
             if len(response.refs) == limit:
                 response.next_page_token = response.refs[-1].ref
                 break
@@ -208,6 +235,11 @@ class DeltaStoreServicer:
     def CollectGarbage(
         self, request: store_pb2.CollectGarbageRequest, context: grpc.ServicerContext
     ) -> store_pb2.CollectGarbageResponse:
+        tenant = _tenant()
+        if tenant is not None:
+            raise PermissionDenied(
+                f"garbage collection spans every tenant; tenant {tenant.name!r} may not run it"
+            )
         grace = request.grace_period_seconds or self._config.gc_grace_seconds
         stats = self._repo.collect_garbage(grace_seconds=grace, dry_run=request.dry_run)
         self._metrics.gc_runs.labels("dry_run" if stats.dry_run else "sweep").inc()
@@ -219,9 +251,7 @@ class DeltaStoreServicer:
         self, request: store_pb2.VerifyRequest, context: grpc.ServicerContext
     ) -> store_pb2.VerifyResponse:
         manifest = _optional_digest(request.HasField("manifest"), request.manifest, "manifest")
-        if manifest is not None and not self._repo.manifests.exists(manifest):
-            raise NotFound(f"no manifest {manifest}")
-        report = self._repo.verify(manifest)
+        report = self._repo.verify(manifest, _tenant())
         return store_pb2.VerifyResponse(
             chunks_checked=report.chunks_checked,
             manifests_checked=report.manifests_checked,

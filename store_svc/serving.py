@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from clients.tls import ServerTls
+from store_svc.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,44 @@ def add_security_flags(
         default=env("auth-tokens", None),
         help="JSON tokens file: require a bearer token whose role allows each call "
         "(see store_svc.auth)",
+    )
+
+
+def add_limit_flags(
+    parser: argparse.ArgumentParser, env: Callable[[str, object], object], defaults: Limits
+) -> None:
+    """``--max-streams``, ``--max-streams-per-client``, ``--max-stream-bytes`` and
+    ``--max-stream-bytes-per-client`` (``store_svc.limits``; 0: unlimited)."""
+    flags = [
+        ("max-streams", defaults.max_streams, "streaming calls in flight"),
+        (
+            "max-streams-per-client",
+            defaults.max_streams_per_client,
+            "streaming calls one client has in flight",
+        ),
+        ("max-stream-bytes", defaults.max_bytes, "bytes all streams hold in memory"),
+        (
+            "max-stream-bytes-per-client",
+            defaults.max_bytes_per_client,
+            "bytes one client's streams hold in memory",
+        ),
+    ]
+    for name, default, what in flags:
+        parser.add_argument(
+            f"--{name}",
+            type=int,
+            default=env(name, default),
+            help=f"{what}; beyond it RESOURCE_EXHAUSTED, retried by clients (0: unlimited, "
+            f"default {default})",
+        )
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_streams=int(args.max_streams),
+        max_streams_per_client=int(args.max_streams_per_client),
+        max_bytes=int(args.max_stream_bytes),
+        max_bytes_per_client=int(args.max_stream_bytes_per_client),
     )
 
 

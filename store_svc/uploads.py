@@ -6,9 +6,10 @@ from collections import deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
-from store_svc.cas import ChunkStore, PutResult
+from store_svc.cas import ChunkSink, PutResult
 from store_svc.digest import Digest
 from store_svc.errors import ChunkDigestMismatch, FrameTooLarge, InvalidArgument
+from store_svc.limits import ByteLease
 
 
 @dataclass
@@ -25,13 +26,21 @@ class ChunkAssembler:
     Frames of one chunk carry the same digest and total size and contiguous offsets; a
     chunk's frames must not interleave with another's. Nothing of a chunk is written until
     all of it has arrived and hashes to its digest. Verified chunks are written on
-    ``executor`` while the next ones arrive, at most ``max_in_flight`` at a time.
+    ``executor`` while the next ones arrive, at most ``max_in_flight`` at a time. The bytes
+    held (the chunk being assembled, the chunks being written) are taken from ``lease`` as
+    frames arrive and given back as writes land.
     """
 
     def __init__(
-        self, chunks: ChunkStore, max_frame_bytes: int, executor: Executor, max_in_flight: int
+        self,
+        chunks: ChunkSink,
+        max_frame_bytes: int,
+        executor: Executor,
+        max_in_flight: int,
+        lease: ByteLease,
     ) -> None:
         self._chunks = chunks
+        self._lease = lease
         self._max_frame_bytes = max_frame_bytes
         self._executor = executor
         self._max_in_flight = max_in_flight
@@ -50,9 +59,15 @@ class ChunkAssembler:
         self.stats.bytes_received += len(data)
         if self._digest is None:
             self._start(digest, total_size)
-        elif digest != self._digest or total_size != self._total:
+        elif digest != self._digest:
             raise InvalidArgument(
-                f"frame for {digest} arrived before chunk {self._digest} was complete"
+                f"frame for {digest} arrived before chunk {self._digest} was complete "
+                "(frames of different chunks must not interleave)"
+            )
+        elif total_size != self._total:
+            raise InvalidArgument(
+                f"chunk {digest}: a frame says total_size {total_size}, earlier frames "
+                f"said {self._total}"
             )
         if offset != len(self._buffer):
             raise InvalidArgument(
@@ -60,6 +75,7 @@ class ChunkAssembler:
             )
         if offset + len(data) > total_size:
             raise InvalidArgument(f"chunk {digest}: frames run past total_size {total_size}")
+        self._lease.acquire(len(data))
         self._buffer += data
         if len(self._buffer) == total_size:
             self._finish()
@@ -78,7 +94,8 @@ class ChunkAssembler:
     def _start(self, digest: Digest, total_size: int) -> None:
         if total_size > self._chunks.max_chunk_bytes:
             raise FrameTooLarge(
-                f"chunk of {total_size} bytes exceeds the limit of {self._chunks.max_chunk_bytes}"
+                f"chunk {digest}: total_size {total_size} exceeds the limit of "
+                f"{self._chunks.max_chunk_bytes} bytes per chunk"
             )
         self._digest, self._total = digest, total_size
         self._buffer = bytearray()
@@ -98,7 +115,9 @@ class ChunkAssembler:
     def _collect(self) -> None:
         """Wait for the oldest write; its failure fails the upload."""
         size, write = self._writes.popleft()
-        if write.result().written:
+        result = write.result()
+        self._lease.release(size)
+        if result.written:
             self.stats.chunks_written += 1
             self.stats.bytes_written += size
         else:

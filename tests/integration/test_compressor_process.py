@@ -1,13 +1,18 @@
 """``deltavault serve`` as a process: SIGTERM lets a Compress stream in flight finish and
 commit, then the process exits cleanly and its store keeps what was committed; SIGKILL
-mid-stream leaves no ref and no manifest, and a retry uploads only what is missing."""
+mid-stream leaves no ref and no manifest, and a retry uploads only what is missing; no
+token reaches its log or its metrics."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +20,7 @@ import pytest
 import torch
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.channel import TOKEN_ENV, TOKEN_FILE_ENV
 from clients.compressor_client import CompressorClient
 from clients.encoding import RoleTensor
 from clients.errors import DeltaVaultError
@@ -24,6 +30,8 @@ from store_svc.backends.local import LocalBackend
 from store_svc.cas import CHUNK_PREFIX
 from store_svc.digest import Digest
 from store_svc.manifests import MANIFEST_PREFIX
+from tests.integration.conftest import start_store, stop_store
+from tests.integration.test_store_process import REPO_ROOT, free_port, wait_serving
 from tests.support.embedded import EmbeddedServer
 
 BASE = compressor_pb2.TENSOR_ROLE_BASE
@@ -115,3 +123,55 @@ def test_sigkill_mid_stream_leaves_nothing_visible_and_a_retry_sends_only_the_re
         assert result.tensor_count == TENSORS
         assert 0 < result.new_chunk_bytes < result.bytes_stored  # the orphans were reused
         assert store.resolve_ref("ops/killed") == Digest.from_proto(result.manifest)
+
+
+def test_the_compressor_keeps_tokens_out_of_its_log_and_metrics(
+    tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m compressor_svc`` at DEBUG, with tokens on both services: after a compress
+    (the caller's token forwarded to the store) and a refused call, no token (the caller's,
+    its own, a wrong one) is in its log or its /metrics, and the ref name is not in /metrics."""
+    caller, own, wrong = "tok-caller-5be01d", "tok-compressor-c3a9f2", "tok-wrong-0d77e4"
+    tokens = tmp_path / "tokens.json"
+    entries = [
+        {"name": "pipeline", "role": "writer", "token": caller},
+        {"name": "compressor", "role": "writer", "token": own},
+    ]
+    tokens.write_text(json.dumps({"tokens": entries}))
+    own_file = tmp_path / "compressor-token"
+    own_file.write_text(own)
+    store = start_store(LocalBackend(tmp_path / "objects"), tmp_path, auth_tokens=tokens)
+    port, metrics_port = free_port(), free_port()
+    argv = ["--store", store.target, "--port", str(port), "--metrics-port", str(metrics_port)]
+    secured = ["--auth-tokens", str(tokens), "--log-level", "DEBUG"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compressor_svc", *argv, *secured],
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        env={**os.environ, TOKEN_FILE_ENV: str(own_file)},
+    )
+    try:
+        target = f"127.0.0.1:{port}"
+        wait_serving(target, process)
+        base, tuned = pair
+        monkeypatch.setenv(TOKEN_ENV, caller)
+        with DeltaVault(store.target, target) as vault:
+            vault.compress(base, tuned, ref="team-a/private-model", method="adamix", ratio=8)
+        monkeypatch.setenv(TOKEN_ENV, wrong)
+        with DeltaVault(store.target, target) as intruder, pytest.raises(DeltaVaultError):
+            intruder.compress(base, tuned, ref="team-a/other", method="adamix", ratio=8)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        log = process.communicate()[1].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stop_store(store)
+    assert "DEBUG compressor_svc.service: compress team-a/private-model" in log  # verbose
+    assert 'grpc_method="Compress"' in metrics
+    for secret in (caller, own, wrong):
+        assert secret not in log and secret not in metrics
+    assert "private-model" not in metrics
