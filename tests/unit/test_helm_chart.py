@@ -17,6 +17,8 @@ from compressor_svc import __main__ as compressor_main
 from compressor_svc.config import CompressorConfig
 from store_svc import __main__ as store_main
 from store_svc.config import StoreConfig
+from store_svc.limits import Limits
+from store_svc.serving import limits_from_args
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "deltavault"
 SCENARIOS = sorted((CHART / "ci").glob("*.yaml"))
@@ -139,6 +141,27 @@ def test_store_environment_follows_the_values() -> None:
         ("DELTAVAULT_STORE_SECRET_KEY", s3["secretKeyKey"]),
     ):
         assert env[variable] == {"secretKeyRef": {"name": s3["existingSecret"], "key": key}}
+
+
+def test_admission_limits_follow_the_values_and_parse_as_the_services_flags() -> None:
+    limits = {
+        "maxStreams": 64,
+        "maxStreamsPerClient": 8,
+        "maxStreamBytes": 8 << 30,  # above 2**32: rendered as an integer, not 8.589934592e+09
+        "maxStreamBytesPerClient": 1 << 30,
+    }
+    manifests = render({"store": {"limits": limits}, "compressor": {"limits": limits}})
+    expected = Limits(64, 8, 8 << 30, 1 << 30)
+    for component, main in (("store", store_main), ("compressor", compressor_main)):
+        env = _env(_container(manifests, component))
+        prefix = f"DELTAVAULT_{component.upper()}_"
+        assert env[f"{prefix}MAX_STREAM_BYTES"] == str(8 << 30)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                if name.startswith(prefix + "MAX_STREAM"):
+                    patch.setenv(name, value)
+            args = main.build_parser().parse_args([])
+        assert limits_from_args(args) == expected
 
 
 def test_bundled_minio_credentials_are_referenced_not_inlined() -> None:

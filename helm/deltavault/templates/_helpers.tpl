@@ -163,3 +163,15 @@ readinessProbe:
       {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* Admission-limit environment of a service: prefix STORE or COMPRESSOR, limits its values. */}}
+{{- define "deltavault.limitsEnv" -}}
+- name: DELTAVAULT_{{ .prefix }}_MAX_STREAMS
+  value: {{ .limits.maxStreams | int64 | quote }}
+- name: DELTAVAULT_{{ .prefix }}_MAX_STREAMS_PER_CLIENT
+  value: {{ .limits.maxStreamsPerClient | int64 | quote }}
+- name: DELTAVAULT_{{ .prefix }}_MAX_STREAM_BYTES
+  value: {{ .limits.maxStreamBytes | int64 | quote }}
+- name: DELTAVAULT_{{ .prefix }}_MAX_STREAM_BYTES_PER_CLIENT
+  value: {{ .limits.maxStreamBytesPerClient | int64 | quote }}
+{{- end -}}
