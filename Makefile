@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint protos bench-store clean
+.PHONY: install demo test lint protos bench-store bench-load clean
 
 # Torch first, pinned exactly: its local CPU wheel. An unpinned resolve pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -32,6 +32,10 @@ protos: install
 
 bench-store: install
 	$(PY) -m tests.bench.bench_store
+
+# 16 compress streams and 64 readers against one store for 60 s; e.g. LOAD_ARGS="--backend s3".
+bench-load: install
+	$(PY) -m tests.bench.bench_load $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

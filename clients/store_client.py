@@ -47,9 +47,13 @@ _METHOD_GET_CHUNKS = method_path(store_pb2, "DeltaStore", "GetChunks")
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 5
+    """Tries of a call while the store is UNAVAILABLE."""
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
+    shed_seconds: float = 120.0
+    """How long a call the store sheds (admission control) keeps being retried, each time
+    after the delay the store asks for: load beyond capacity waits its turn."""
 
     def delays(self) -> Iterator[float]:
         """Sleep before each retry: exponential, with full jitter."""
@@ -57,6 +61,27 @@ class RetryPolicy:
         for _ in range(self.attempts - 1):
             yield random.uniform(0, backoff)
             backoff = min(backoff * self.multiplier, self.max_backoff)
+
+
+class _Retries:
+    """One call's retry state: the policy's backoff for UNAVAILABLE, the store's own delay
+    (jittered, so shed callers do not return in step) for shed calls."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._delays = policy.delays()
+        self._started = time.monotonic()
+
+    def pause(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before retrying after ``error``; None: give up."""
+        wait = retry_delay(error)
+        if wait is None:
+            return None
+        if wait > 0:  # shed: retry within the shed budget
+            pause = wait * random.uniform(1, 2)
+            elapsed = time.monotonic() - self._started
+            return pause if elapsed + pause <= self._policy.shed_seconds else None
+        return next(self._delays, None)
 
 
 @dataclass(frozen=True)
@@ -186,18 +211,17 @@ class StoreClient(Closing):
         self, ranges: Sequence[tuple[Digest, int, int]]
     ) -> Iterator[tuple[Digest, list[memoryview]]]:
         """:meth:`get_chunks` as each range's frames, views of the received messages."""
-        done = 0
-        for delay in [*self._retry.delays(), None]:
+        done, retries = 0, _Retries(self._retry)
+        while True:
             try:
                 for item in self._stream_ranges(ranges[done:]):
                     done += 1
                     yield item
                 return
             except grpc.RpcError as error:
-                wait = retry_delay(error)
-                if delay is None or wait is None:
+                pause = retries.pause(error)
+                if pause is None:
                     raise from_rpc_error(error) from None
-                pause = max(delay, wait)
             time.sleep(pause)
 
     # --- manifests and refs -----------------------------------------------------------
@@ -308,21 +332,20 @@ class StoreClient(Closing):
     # --- plumbing -----------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run one RPC, retrying UNAVAILABLE (and admission refusals, after the delay the
-        server asks for) with backoff; raise a ``DeltaVaultError``."""
-        for delay in [*self._retry.delays(), None]:
+        """Run one RPC, retrying UNAVAILABLE with backoff and shed calls after the delay
+        the store asks for (``RetryPolicy``); raise a ``DeltaVaultError``."""
+        retries = _Retries(self._retry)
+        while True:
             try:
                 return fn()
             except grpc.RpcError as error:
                 # Raised, never bound to a local: a frame holding its own exception is a
                 # reference cycle, and the cycle would keep every frame of the traceback
                 # alive (a server's stream with its tensors) until the cycle collector runs.
-                wait = retry_delay(error)
-                if delay is None or wait is None:
+                pause = retries.pause(error)
+                if pause is None:
                     raise from_rpc_error(error) from None
-                pause = max(delay, wait)
             time.sleep(pause)
-        raise AssertionError("unreachable")
 
     def _frames(self, chunks: Sequence[tuple[Digest, bytes | memoryview]]) -> Iterator[bytes]:
         """PutChunks requests, serialized around their data (see :mod:`clients.wire`)."""
