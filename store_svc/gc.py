@@ -65,6 +65,15 @@ class _Mark:
             self.reach[namespace].update(self.chunks_of[manifest])
 
 
+@dataclass(frozen=True)
+class _Doomed:
+    """What a sweep deletes: (key, size) of chunks and manifests, and marker keys."""
+
+    chunks: list[tuple[str, int]]
+    manifests: list[tuple[str, int]]
+    markers: list[str]
+
+
 class GarbageCollector:
     def __init__(
         self,
@@ -90,35 +99,47 @@ class GarbageCollector:
         self._mark_young_manifests(mark, self._backend.list(MANIFEST_PREFIX), cutoff)
         chunk_candidates = self._chunk_candidates(mark, cutoff, stats)
         with self._lock.exclusive():
-            # No commit or ref move is in flight now: mark what refs moved to and what was
-            # committed since the first pass (a manifest older than the grace period that a
-            # ref moved to meanwhile would otherwise be swept from under it).
-            for ref, target in self._refs.list():
-                self._mark_manifest(mark, target)
-                mark.reach_from(ref.namespace, target)
-            manifests = list(self._backend.list(MANIFEST_PREFIX))
-            self._mark_young_manifests(mark, manifests, cutoff)
-            markers = list(self._tenants.markers())
-            claimed = self._mark_young_claims(mark, markers, cutoff)
-            kept = mark.chunks | claimed
-            doomed_chunks = [(k, s) for k, d, s in chunk_candidates if d not in kept]
-            claimed_only = claimed - mark.chunks
-            stats.chunks_in_grace += sum(d in claimed_only for _, d, _ in chunk_candidates)
-            doomed_manifests = [
+            doomed = self._remark_and_judge(mark, chunk_candidates, cutoff, stats)
+            if not dry_run:
+                # Markers first: a marker never names a swept object.
+                for key in doomed.markers + [k for k, _ in doomed.chunks + doomed.manifests]:
+                    self._backend.delete(key)
+                if doomed.markers:
+                    self._tenants.forget_usage()
+        stats.manifests_live, stats.chunks_live = len(mark.manifests), len(mark.chunks)
+        stats.chunks_swept, stats.manifests_swept = len(doomed.chunks), len(doomed.manifests)
+        stats.bytes_freed = sum(size for _, size in doomed.chunks + doomed.manifests)
+        return stats
+
+    def _remark_and_judge(
+        self,
+        mark: _Mark,
+        chunk_candidates: list[tuple[str, Digest, int]],
+        cutoff: float,
+        stats: GcStats,
+    ) -> _Doomed:
+        """Under the exclusive lock: no commit or ref move is in flight, so mark what refs
+        moved to and what was committed since the first pass (a manifest older than the
+        grace period that a ref moved to meanwhile would otherwise be swept from under it)
+        and what young tenant markers name; then what to delete."""
+        for ref, target in self._refs.list():
+            self._mark_manifest(mark, target)
+            mark.reach_from(ref.namespace, target)
+        manifests = list(self._backend.list(MANIFEST_PREFIX))
+        self._mark_young_manifests(mark, manifests, cutoff)
+        markers = list(self._tenants.markers())
+        claimed = self._mark_young_claims(mark, markers, cutoff)
+        kept, claimed_only = mark.chunks | claimed, claimed - mark.chunks
+        stats.chunks_in_grace += sum(d in claimed_only for _, d, _ in chunk_candidates)
+        return _Doomed(
+            chunks=[(k, size) for k, d, size in chunk_candidates if d not in kept],
+            manifests=[
                 (info.key, info.size)
                 for info in manifests
                 if digest_from_manifest_key(info.key) not in mark.manifests
-            ]
-            doomed_markers = [m.info.key for m in markers if not _keeps(mark, m, cutoff)]
-            if not dry_run:
-                for key in doomed_markers + [k for k, _ in doomed_chunks + doomed_manifests]:
-                    self._backend.delete(key)
-                if doomed_markers:
-                    self._tenants.forget_usage()
-        stats.manifests_live, stats.chunks_live = len(mark.manifests), len(mark.chunks)
-        stats.chunks_swept, stats.manifests_swept = len(doomed_chunks), len(doomed_manifests)
-        stats.bytes_freed = sum(size for _, size in doomed_chunks + doomed_manifests)
-        return stats
+            ],
+            markers=[m.info.key for m in markers if not _keeps(mark, m, cutoff)],
+        )
 
     def _mark_young_claims(self, mark: _Mark, markers: list[Marker], cutoff: float) -> set[Digest]:
         """Keep what young markers name (a tenant's upload or commit in flight, perhaps of

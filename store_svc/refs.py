@@ -20,9 +20,11 @@ from store_svc.errors import InvalidArgument, NotFound, RefConflict, Unavailable
 
 REF_PREFIX = "refs/"
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_REF_PATTERN = re.compile(rf"^({_SEGMENT})/({_SEGMENT})$")
+# Both are matched with fullmatch: "$" would also match before a final newline, and let
+# "ns/name\n" stand for the ref "ns/name".
+_REF_PATTERN = re.compile(rf"({_SEGMENT})/({_SEGMENT})")
 # A prefix of a ref name: "", part of a namespace, "namespace/", or "namespace/" + part of a name.
-_REF_PREFIX_PATTERN = re.compile(rf"^({_SEGMENT}(/([A-Za-z0-9._-]{{0,128}}))?)?$")
+_REF_PREFIX_PATTERN = re.compile(rf"({_SEGMENT}(/([A-Za-z0-9._-]{{0,128}}))?)?")
 _SEQ_DIGITS = 20
 _TOMBSTONE = b"deleted\n"
 _MAX_READ_RETRIES = 8
@@ -37,7 +39,7 @@ class RefName:
 
     @classmethod
     def parse(cls, text: str) -> RefName:
-        match = _REF_PATTERN.match(text)
+        match = _REF_PATTERN.fullmatch(text)
         if not match:
             raise InvalidArgument(
                 f"ref {text!r} must be 'namespace/name', each part 1-128 characters of "
@@ -98,7 +100,7 @@ class RefStore:
     ) -> Iterator[tuple[RefName, Digest]]:
         """Live refs whose ``namespace/name`` starts with ``prefix``, sorted by name, each
         after ``start_after``. Targets are read lazily, as the caller iterates."""
-        if not _REF_PREFIX_PATTERN.match(prefix):
+        if not _REF_PREFIX_PATTERN.fullmatch(prefix):
             raise InvalidArgument(f"ref prefix {prefix!r} is not a valid ref prefix")
         newest: dict[RefName, int] = {}
         for info in self._backend.list(REF_PREFIX + prefix):

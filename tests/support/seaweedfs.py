@@ -6,6 +6,10 @@ loopback and its local sockets in its own temporary folder, waits until the S3 A
 a signed request, and stops it on exit. Set ``DELTAVAULT_TEST_S3_ENDPOINT`` (plus
 ``..._ACCESS_KEY`` and ``..._SECRET_KEY``) to use an S3 server of your own, e.g. a MinIO,
 instead.
+
+Fault tests take the server down and bring it back: ``halt`` ends the process (politely,
+or with ``kill=True`` as a crash) but keeps its ports, data folder and configuration, so
+the next ``start`` serves the same endpoint with the same buckets and objects.
 """
 
 from __future__ import annotations
@@ -67,12 +71,20 @@ def weed_binary() -> str:
 
 class SeaweedS3:
     """An S3 endpoint (``endpoint``, ``access_key``, ``secret_key``) for the duration of a
-    ``with`` block, or between ``start`` and ``stop``."""
+    ``with`` block, or between ``start`` and ``stop``; ``halt`` then ``start`` is an outage.
+
+    ``use_external=False`` starts a SeaweedFS of its own even when
+    ``DELTAVAULT_TEST_S3_ENDPOINT`` is set: a server someone else runs cannot be halted.
+    """
 
     def __init__(
-        self, access_key: str = "deltavault-test", secret_key: str = "not-a-secret-42"
+        self,
+        access_key: str = "deltavault-test",
+        secret_key: str = "not-a-secret-42",
+        *,
+        use_external: bool = True,
     ) -> None:
-        external = os.environ.get("DELTAVAULT_TEST_S3_ENDPOINT")
+        external = os.environ.get("DELTAVAULT_TEST_S3_ENDPOINT") if use_external else None
         self.external = external is not None
         self.endpoint = external or ""
         self.access_key = os.environ.get("DELTAVAULT_TEST_S3_ACCESS_KEY", access_key)
@@ -113,13 +125,16 @@ class SeaweedS3:
         return ""
 
     def start(self) -> None:
-        """Start the server and wait until it serves signed S3 requests."""
+        """Start the server and wait until it serves signed S3 requests: the first time on
+        free ports with an empty data folder, after ``halt`` on the same ports and data."""
         if self.external:
             return
-        self._dir = Path(tempfile.mkdtemp(prefix="deltavault-s3-"))
-        self._ports = {flag: free_port() for flag in _PORT_FLAGS}
-        self.endpoint = f"127.0.0.1:{self._ports['s3.port']}"
-        with open(self._dir / "weed.log", "wb") as log:
+        if self._process is not None:
+            raise RuntimeError(f"the S3 server at {self.endpoint} is already running")
+        if self._dir is None:
+            self._dir = self._prepare()
+        volumes = len(list((self._dir / "data").glob("*.dat")))  # <collection>_<id>.dat each
+        with open(self._dir / "weed.log", "ab") as log:  # a restart's log follows the first
             self._process = subprocess.Popen(
                 self._argv(self._dir),
                 stdout=log,
@@ -128,40 +143,59 @@ class SeaweedS3:
                 cwd=self._dir,
                 start_new_session=True,
             )
-        self._wait_ready()
+        self._wait_ready(volumes)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited after a bound; remove its files."""
+    def halt(self, *, kill: bool = False) -> None:
+        """End the server process, keeping its ports, data and configuration for the next
+        ``start``: SIGTERM (SIGKILL after a bound), or with ``kill`` SIGKILL at once, a
+        crash. Returns once the process has exited, so its ports refuse connections."""
+        if self.external:
+            raise RuntimeError("an external S3 server cannot be halted")
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            process.terminate()
+            if kill:
+                process.kill()
+            else:
+                process.terminate()
             try:
                 process.wait(timeout=_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        # A killed server leaves these behind; a restarted one makes them afresh.
         for flag, port in self._ports.items():
             if flag.endswith(".grpc"):
                 service = flag.partition(".")[0]
                 Path(_GRPC_SOCKET.format(service=service, port=port)).unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Halt the server (SIGTERM, then SIGKILL after a bound) and remove its files."""
+        if self.external:
+            return
+        self.halt()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
         self._ports = {}
 
+    def _prepare(self) -> Path:
+        """A new folder with the configuration and an empty data folder; ports chosen."""
+        folder = Path(tempfile.mkdtemp(prefix="deltavault-s3-"))
+        (folder / "data").mkdir()
+        (folder / "s3.json").write_text(json.dumps({"identities": [self._identity()]}))
+        self._ports = {flag: free_port() for flag in _PORT_FLAGS}
+        self.endpoint = f"127.0.0.1:{self._ports['s3.port']}"
+        return folder
+
     def _argv(self, folder: Path) -> list[str]:
-        data = folder / "data"
-        data.mkdir()
-        config = folder / "s3.json"
-        config.write_text(json.dumps({"identities": [self._identity()]}))
         return [
             weed_binary(),
             "mini",
-            f"-dir={data}",
+            f"-dir={folder / 'data'}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
-            f"-s3.config={config}",
+            f"-s3.config={folder / 's3.json'}",
             "-admin.ui=false",
             "-webdav=false",
             "-s3.port.iceberg=0",
@@ -180,7 +214,9 @@ class SeaweedS3:
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, volumes: int) -> None:
+        """Until the S3 API answers a signed request and the master knows the ``volumes``
+        the data folder holds (0 on a first start)."""
         probe = urllib3.PoolManager(timeout=_PROBE_TIMEOUT, retries=False)
         client = self.client(probe)
         deadline = time.monotonic() + _START_TIMEOUT
@@ -191,11 +227,27 @@ class SeaweedS3:
                     break
                 try:
                     client.list_buckets()  # signed: proves the S3 API and the identity are up
-                    return
-                except (MinioException, urllib3.exceptions.HTTPError, OSError):  # not up yet
-                    time.sleep(0.1)
+                    if volumes == 0 or self._volumes_known(probe) >= volumes:
+                        return
+                except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError):
+                    pass  # not up yet
+                time.sleep(0.1)
         finally:
             probe.clear()
         tail = self.log_tail
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 did not start at {self.endpoint}; its log ends:\n{tail}")
+
+    def _volumes_known(self, http: urllib3.PoolManager) -> int:
+        """How many volumes the master knows its volume server holds. After a restart it
+        learns them from the volume server's first heartbeat, a few seconds at worst; until
+        then reads of objects stored before fail with 500 ("volume not found"), and so can
+        writes."""
+        url = f"http://127.0.0.1:{self._ports['master.port']}/dir/status"
+        topology = json.loads(http.request("GET", url).data)["Topology"]
+        return sum(
+            int(node["Volumes"])
+            for center in topology.get("DataCenters") or ()
+            for rack in center.get("Racks") or ()
+            for node in rack.get("DataNodes") or ()
+        )
