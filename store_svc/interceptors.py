@@ -52,19 +52,24 @@ def _authorization(context: grpc.ServicerContext) -> str | None:
     return header.decode(errors="replace") if isinstance(header, bytes) else header
 
 
+_STATUS_BY_TYPE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
+    (ObjectNotFound, grpc.StatusCode.NOT_FOUND, "{exc}"),
+    (BackendUnavailable, grpc.StatusCode.UNAVAILABLE, "object store unavailable: {exc}"),
+    (BackendError, grpc.StatusCode.INTERNAL, "object store error: {exc}"),
+    # Raised while reading the request stream: the client went away.
+    (grpc.RpcError, grpc.StatusCode.CANCELLED, "the client cancelled the call"),
+)
+"""Errors from below the domain layer, first match wins (subclasses before their bases)."""
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any]]:
     if isinstance(exc, StoreError):
         return exc.code, str(exc), list(exc.details())
     if isinstance(exc, DeltaVaultError):  # a downstream deltavault service's status, kept
         return exc.code, str(exc), []
-    if isinstance(exc, ObjectNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc), []
-    if isinstance(exc, BackendUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"object store unavailable: {exc}", []
-    if isinstance(exc, BackendError):
-        return grpc.StatusCode.INTERNAL, f"object store error: {exc}", []
-    if isinstance(exc, grpc.RpcError):  # reading the request stream: the client went away
-        return grpc.StatusCode.CANCELLED, "the client cancelled the call", []
+    for kind, code, message in _STATUS_BY_TYPE:
+        if isinstance(exc, kind):
+            return code, message.format(exc=exc), []
     return grpc.StatusCode.INTERNAL, "internal error; the server log has the details", []
 
 

@@ -10,13 +10,16 @@ a successful write; tombstones are kept, so a ref's sequence never restarts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from store_svc.backends.base import Backend, ObjectNotFound
+from store_svc.backends.base import Backend, BackendError, ObjectNotFound
 from store_svc.digest import Digest
 from store_svc.errors import InvalidArgument, NotFound, RefConflict, Unavailable
+
+log = logging.getLogger(__name__)
 
 REF_PREFIX = "refs/"
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -134,7 +137,10 @@ class RefStore:
             seq = latest.seq + 1 if latest else 0
             body = _TOMBSTONE if target is None else f"{target}\n".encode()
             if self._backend.put_if_absent(_version_key(ref, seq), body):
-                self._compact(ref, seq)
+                try:
+                    self._compact(ref, seq)
+                except BackendError as exc:  # the move happened; leftovers are harmless
+                    log.warning("ref %s moved, older versions not yet deleted: %s", ref, exc)
                 return current
             if not force:  # another writer created this version first
                 raise RefConflict(str(ref), expected, self.resolve(ref))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from clients._generated.deltavault.common.v1 import common_pb2
-from store_svc.backends.base import Backend, BackendError
+from store_svc.backends.base import Backend, BackendError, BackendUnavailable
 from store_svc.cas import ChunkSink, ChunkStore, CompressionPolicy, chunk_key
 from store_svc.digest import Digest
 from store_svc.errors import (
@@ -188,5 +188,7 @@ class Repository:
             report.damaged.append(Damage(chunk_key(digest), digest, "missing"))
         except CorruptObject as exc:
             report.damaged.append(Damage(chunk_key(digest), digest, exc.reason))
+        except BackendUnavailable:
+            raise  # an outage is not damage: the call fails UNAVAILABLE, to be retried
         except BackendError as exc:
             report.damaged.append(Damage(chunk_key(digest), digest, f"unreadable: {exc}"))
