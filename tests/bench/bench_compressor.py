@@ -44,8 +44,8 @@ from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
 from clients.safetensors_io import Checkpoint
 from clients.sdk import DeltaVault
 from tests.support.checkpoints import write_checkpoint
+from tests.support.children import free_port
 from tests.support.embedded import REPO_ROOT, EmbeddedServer
-from tests.support.seaweedfs import free_port
 
 MiB = 1 << 20
 SINK_METHOD = "/bench.Sink/Take"

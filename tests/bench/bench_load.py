@@ -69,8 +69,9 @@ from clients.sdk import DeltaVault
 from clients.store_client import StoreClient
 from store_svc.digest import Digest
 from tests.support.checkpoints import write_checkpoint
+from tests.support.children import free_port
 from tests.support.processes import ServiceProcess, cpu_seconds, proc_status_bytes
-from tests.support.seaweedfs import SeaweedS3, free_port
+from tests.support.seaweedfs import SeaweedS3
 
 MiB = 1 << 20
 SAMPLE_SECONDS = 0.2

@@ -28,7 +28,8 @@ from minio import Minio
 
 from clients.store_client import StoreClient, cut_chunks
 from store_svc.digest import Algorithm, Digest
-from tests.support.seaweedfs import SeaweedS3, free_port
+from tests.support.children import free_port
+from tests.support.seaweedfs import SeaweedS3
 
 MiB = 1 << 20
 

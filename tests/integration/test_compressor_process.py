@@ -31,7 +31,8 @@ from store_svc.cas import CHUNK_PREFIX
 from store_svc.digest import Digest
 from store_svc.manifests import MANIFEST_PREFIX
 from tests.integration.conftest import start_store, stop_store
-from tests.integration.test_store_process import REPO_ROOT, free_port, wait_serving
+from tests.integration.test_store_process import REPO_ROOT, wait_serving
+from tests.support.children import free_port
 from tests.support.embedded import EmbeddedServer
 
 BASE = compressor_pb2.TENSOR_ROLE_BASE

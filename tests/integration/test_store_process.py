@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ from clients.errors import DeltaVaultError
 from clients.store_client import RetryPolicy, StoreClient
 from store_svc.digest import Algorithm, Digest
 from store_svc.manifests import FORMAT_VERSION
+from tests.support.children import free_port
 from tests.support.seaweedfs import SeaweedS3
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_serving(target: str, process: subprocess.Popen[bytes]) -> None:

@@ -38,7 +38,7 @@ from store_svc.cas import chunk_key
 from store_svc.digest import Algorithm, Digest
 from store_svc.manifests import FORMAT_VERSION
 from tests.integration.conftest import SMALL_CHUNK, RunningStore, start_store, stop_store
-from tests.support.seaweedfs import free_port
+from tests.support.children import free_port
 
 
 def make_manifest(

@@ -10,9 +10,7 @@ if the parent dies without doing so (``PR_SET_DEATHSIG``), so no server outlives
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,18 +21,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.seaweedfs import free_port
+from tests.support.children import die_with_parent, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_PR_SET_DEATHSIG = 1
-# Resolved here, in the parent: the child, between fork and exec, only calls it.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _LOG_TAIL_CHARS = 3000
-
-
-def _die_with_parent() -> None:
-    _prctl(_PR_SET_DEATHSIG, signal.SIGKILL)
 
 
 def proc_status_bytes(pid: int, field: str) -> int | None:
@@ -96,7 +87,7 @@ class ServiceProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509  (calls only prctl)
+                preexec_fn=die_with_parent,  # noqa: PLW1509  (calls only prctl)
             )
         return cls(name, process, f"127.0.0.1:{port}", log, metrics_port)
 

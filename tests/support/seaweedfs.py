@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -29,6 +28,8 @@ from types import TracebackType
 import urllib3
 from minio import Minio
 from minio.error import MinioException
+
+from tests.support.children import die_with_parent, free_port
 
 # Every TCP listener of `weed mini` 4.48 that is on by default; the Iceberg and Lance
 # catalogue servers are switched off instead (`-s3.port.iceberg=0`, `-s3.port.lance=0`).
@@ -51,13 +52,6 @@ _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
 _PROBE_TIMEOUT = urllib3.Timeout(connect=1.0, read=5.0)
 _LOG_TAIL_CHARS = 3000
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def weed_binary() -> str:
@@ -142,6 +136,7 @@ class SeaweedS3:
                 stdin=subprocess.DEVNULL,
                 cwd=self._dir,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # noqa: PLW1509  (calls only prctl)
             )
         self._wait_ready(volumes)
 

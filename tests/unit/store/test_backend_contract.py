@@ -21,7 +21,8 @@ import pytest
 from store_svc.backends.base import Backend, BackendError, BackendUnavailable, ObjectNotFound
 from store_svc.backends.local import LocalBackend
 from store_svc.backends.s3 import S3Backend
-from tests.support.seaweedfs import SeaweedS3, free_port
+from tests.support.children import free_port
+from tests.support.seaweedfs import SeaweedS3
 
 MiB = 1 << 20
 
