@@ -45,6 +45,8 @@ EXIT_UNAVAILABLE = 5
 EXIT_DAMAGED = 6
 """Data loss: a chunk failed its digest (verify found damage)."""
 EXIT_PRECONDITION = 7
+EXIT_REFUSED = 8
+"""No valid token, a role or tenant that may not do this, or over a quota or limit."""
 
 _EXIT_BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
@@ -56,10 +58,14 @@ _EXIT_BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
     grpc.StatusCode.DATA_LOSS: EXIT_DAMAGED,
     grpc.StatusCode.FAILED_PRECONDITION: EXIT_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_REFUSED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_REFUSED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_REFUSED,
 }
 
 EPILOG = """exit codes: 0 ok, 1 failed, 2 bad arguments or input, 3 not found,
-4 ref conflict, 5 service unavailable, 6 damaged data, 7 failed precondition"""
+4 ref conflict, 5 service unavailable, 6 damaged data, 7 failed precondition,
+8 refused (token, role, tenant, quota or limit)"""
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:

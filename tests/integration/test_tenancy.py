@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from clients import cli
 from clients.channel import TOKEN_ENV, TOKEN_FILE_ENV, open_channel
 from clients.errors import DeltaVaultError, ResourceExhaustedError
 from clients.sdk import DeltaVault
@@ -208,3 +209,13 @@ def test_the_compressor_acts_for_its_callers_tenant(
         assert set(as_caller("b-writer").missing_chunks(chunks)) == set(chunks)
     finally:
         compressor.stop(grace=0)
+
+
+def test_the_cli_exits_refused_for_another_tenants_refs(
+    store: RunningStore, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, token("b-writer"))
+    assert cli.main(["ls", "team-a/", "--store", store.target]) == cli.EXIT_REFUSED
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    monkeypatch.setenv(TOKEN_ENV, "no-such-token")
+    assert cli.main(["ls", "--store", store.target]) == cli.EXIT_REFUSED
