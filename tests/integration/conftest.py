@@ -3,14 +3,16 @@ compressor in front of it with an SDK facade; a small sharded toy model and its 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from torch import Tensor
 
+from clients.errors import DeltaVaultError
 from clients.sdk import DeltaVault
 from clients.store_client import RetryPolicy, StoreClient
 from compressor_svc.config import CompressorConfig
@@ -34,6 +36,18 @@ class RunningStore:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+
+def status_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code ``call`` fails with (a stream it returns is read to the end);
+    AssertionError if it succeeds."""
+    try:
+        result = call()
+        if isinstance(result, Iterator):
+            list(result)
+    except DeltaVaultError as exc:
+        return exc.code
+    raise AssertionError("the call succeeded")
 
 
 def start_store(backend: Backend, tmp_path: Path, **overrides: object) -> RunningStore:

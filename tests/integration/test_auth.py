@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from clients.store_client import RetryPolicy, StoreClient
 from store_svc.auth import parse_tokens
 from store_svc.backends.local import LocalBackend
 from store_svc.digest import Digest
-from tests.integration.conftest import RunningStore, start_compressor, start_store
+from tests.integration.conftest import RunningStore, start_compressor, start_store, status_of
 
 TOKENS = {"reader": "r-0123456789", "writer": "w-0123456789", "admin": "a-0123456789"}
 
@@ -68,23 +68,12 @@ def _client(target: str, token: str | None, monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
-def _status(call: Callable[[], object]) -> grpc.StatusCode:
-    """The status code ``call`` fails with (streams read to the end)."""
-    try:
-        result = call()
-        if isinstance(result, Iterator):
-            list(result)
-    except DeltaVaultError as exc:
-        return exc.code
-    raise AssertionError("the call succeeded")
-
-
 def test_calls_without_a_valid_token_are_unauthenticated(
     auth_store: RunningStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for token in (None, "not-a-token", TOKENS["reader"] + "x"):
         with _client(auth_store.target, token, monkeypatch) as client:
-            assert _status(client.list_refs) is grpc.StatusCode.UNAUTHENTICATED
+            assert status_of(client.list_refs) is grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_roles_nest_and_refusals_write_nothing(
@@ -93,12 +82,12 @@ def test_roles_nest_and_refusals_write_nothing(
     payload = b"weights" * 100
     with _client(auth_store.target, TOKENS["reader"], monkeypatch) as reader:
         assert list(reader.list_refs()) == []
-        assert _status(lambda: reader.upload(payload)) is grpc.StatusCode.PERMISSION_DENIED
+        assert status_of(lambda: reader.upload(payload)) is grpc.StatusCode.PERMISSION_DENIED
         assert reader.missing_chunks([Digest.of(payload)]) == [Digest.of(payload)]
     with _client(auth_store.target, TOKENS["writer"], monkeypatch) as writer:
         chunks, _ = writer.upload(payload)
         assert writer.missing_chunks([Digest.from_proto(c.digest) for c in chunks]) == []
-        assert _status(writer.collect_garbage) is grpc.StatusCode.PERMISSION_DENIED
+        assert status_of(writer.collect_garbage) is grpc.StatusCode.PERMISSION_DENIED
     with _client(auth_store.target, TOKENS["admin"], monkeypatch) as admin:
         admin.collect_garbage()
 
@@ -118,7 +107,7 @@ def test_tokens_rotate_with_their_file(
     stamp = tokens_file.stat().st_mtime + 5
     os.utime(tokens_file, (stamp, stamp))
     with _client(auth_store.target, TOKENS["reader"], monkeypatch) as old:
-        assert _status(old.list_refs) is grpc.StatusCode.UNAUTHENTICATED
+        assert status_of(old.list_refs) is grpc.StatusCode.UNAUTHENTICATED
     with _client(auth_store.target, "r-rotated-99", monkeypatch) as new:
         assert list(new.list_refs()) == []
 

@@ -19,7 +19,13 @@ from clients.sdk import DeltaVault
 from clients.store_client import RetryPolicy, StoreClient
 from store_svc.backends.local import LocalBackend
 from store_svc.digest import Digest
-from tests.integration.conftest import SMALL_CHUNK, RunningStore, start_compressor, start_store
+from tests.integration.conftest import (
+    SMALL_CHUNK,
+    RunningStore,
+    start_compressor,
+    start_store,
+    status_of,
+)
 from tests.integration.test_store_service import make_manifest
 
 QUOTA = 3 * SMALL_CHUNK
@@ -81,16 +87,6 @@ def as_caller(store: RunningStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 AsCaller = Callable[[str], StoreClient]
-
-
-def status_of(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        result = call()
-        if isinstance(result, Iterator):
-            list(result)
-    except DeltaVaultError as exc:
-        return exc.code
-    raise AssertionError("the call succeeded")
 
 
 def stored_keys(store: RunningStore) -> set[str]:
