@@ -25,6 +25,7 @@ from typing import Generic, NamedTuple, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 HEAP_FRAME_BYTES = 512 * 1024
 """Data bytes per frame, sent and by default asked for: the largest power of two whose
@@ -115,6 +116,32 @@ def _holds(message: Message, fields: tuple[str, ...]) -> bool:
 def bytes_field_parser(message_type: type[M], *path: str) -> Callable[[bytes], WithBytes[M]]:
     """:func:`parse_with_bytes` for one message type and path: a gRPC deserializer."""
     return lambda serialized: parse_with_bytes(serialized, message_type, *path)
+
+
+class Malformed(NamedTuple):
+    """What a :func:`lenient` deserializer gives for bytes that do not parse. gRPC answers
+    a deserializer's exception itself, with INTERNAL ("Exception deserializing request!"),
+    before any handler runs; given this instead, the handler refuses the call with a
+    status and a message of its own."""
+
+    message_type: str
+    """The full name of the message the bytes were to be."""
+    error: str
+
+
+def lenient(
+    parse: Callable[[bytes], T], message_type: type[Message]
+) -> Callable[[bytes], T | Malformed]:
+    """``parse`` (a deserializer of ``message_type``: its ``FromString``, or a
+    :func:`bytes_field_parser`), giving a :class:`Malformed` where it raises DecodeError."""
+
+    def parse_or_report(serialized: bytes) -> T | Malformed:
+        try:
+            return parse(serialized)
+        except DecodeError as exc:
+            return Malformed(message_type.DESCRIPTOR.full_name, str(exc))
+
+    return parse_or_report
 
 
 def _parse_whole(serialized: bytes, message_type: type[M], path: tuple[str, ...]) -> WithBytes[M]:

@@ -29,6 +29,19 @@ class TooMuchInFlight(CompressorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class TensorTooLarge(CompressorError):
+    """A stored tensor decodes to more bytes than the server holds for one tensor."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Undecodable(CompressorError):
+    """A stored delta the store accepted but no compressor wrote: an unknown method or
+    dtype, parts or params missing, sizes that disagree. Only another manifest helps."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class MissingBase(CompressorError):
     """A reconstruction needs base tensors the client did not send."""
 

@@ -44,6 +44,7 @@ from compressor_svc.errors import InvalidInput, TooMuchInFlight
 from compressor_svc.methods import adamix, compress, get_method, paper_ratio
 from compressor_svc.methods.base import (
     bit_budget,
+    check_gram,
     make_target,
     relative_activation_error,
     relative_weight_error,
@@ -206,7 +207,9 @@ class Encoding:
 
 def check_inputs(item: TensorInput) -> tuple[bool, str]:
     """(whether the delta is exactly zero, the fine-tuned dtype name); InvalidInput for a
-    shape or dtype mismatch, non-finite values, or a changed non-float tensor."""
+    shape or dtype mismatch, non-finite values, a changed non-float tensor, or a Gram
+    matrix that does not fit the tensor."""
+    _check_calibration(item)
     if item.delta is not None:
         _check_finite(item.name, "delta", item.delta)
         return not bool(item.delta.any()), dtype_name(item.delta.dtype)
@@ -236,6 +239,25 @@ def check_inputs(item: TensorInput) -> tuple[bool, str]:
     if not same:
         _check_finite(item.name, "fine-tuned", finetuned)
     return same, dtype
+
+
+def _check_calibration(item: TensorInput) -> None:
+    """A calibration Gram matrix must be a finite float (d_in, d_in) matrix of a 2-D
+    tensor: checked for every tensor, so Compress and Plan refuse one alike, whether or
+    not a method would read it."""
+    gram = item.gram
+    if gram is None:
+        return
+    if len(item.shape) != 2 or not gram.is_floating_point():
+        raise InvalidInput(
+            f"tensor {item.name!r}: a calibration Gram matrix is a float (d_in, d_in) "
+            f"matrix of a 2-D weight; got {dtype_name(gram.dtype)} {list(gram.shape)} for "
+            f"shape {list(item.shape)}"
+        )
+    try:
+        check_gram(gram, item.shape[1])
+    except ValueError as exc:
+        raise InvalidInput(f"tensor {item.name!r}: calibration {exc}") from None
 
 
 def bitwise_equal(a: Tensor, b: Tensor) -> bool:

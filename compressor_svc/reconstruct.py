@@ -11,7 +11,9 @@ read from the store tensor by tensor, and the client sends nothing after the hea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Literal
 
 import torch
@@ -29,11 +31,22 @@ from clients.encoding import (
 )
 from clients.store_client import StoreClient
 from clients.wire import WithBytes
-from compressor_svc.errors import InvalidInput, MissingBase
+from compressor_svc.errors import InvalidInput, MissingBase, TensorTooLarge, Undecodable
 from store_svc.digest import Digest
+from store_svc.refs import RefName
 
 DELTA = compressor_pb2.TENSOR_ROLE_DELTA
 FINETUNED = compressor_pb2.TENSOR_ROLE_FINETUNED
+
+
+def check_header(header: compressor_pb2.ReconstructHeader) -> None:
+    """InvalidInput for what is wrong with a header by itself, before the store is asked
+    anything (so a bad request is refused alike whatever the store holds): a manifest
+    named both by ref and by digest, a ref that breaks the naming rule, a malformed
+    digest, an ``out_dtype`` that is not a float dtype."""
+    _naming(header.ref, header, "manifest")
+    _naming(header.base_ref, header, "base_manifest")
+    _out_dtype(header.out_dtype, None)
 
 
 def resolve_manifest(
@@ -65,25 +78,38 @@ def resolve_base(
     return base
 
 
-def _named_manifest(
-    store: StoreClient,
-    ref: str,
-    header: compressor_pb2.ReconstructHeader,
-    digest_field: Literal["manifest", "base_manifest"],
-) -> common_pb2.Manifest | None:
-    """The manifest named by ``ref`` or by the header's ``digest_field``; None if neither."""
+DigestField = Literal["manifest", "base_manifest"]
+
+
+def _naming(
+    ref: str, header: compressor_pb2.ReconstructHeader, digest_field: DigestField
+) -> Digest | None:
+    """The digest in the header's ``digest_field`` (None: unset), once the header is
+    checked to name that manifest at most once, by a well-formed ref or digest."""
     has_digest = header.HasField(digest_field)
     if ref and has_digest:
         raise InvalidInput(f"name a ref or a {digest_field} digest, not both")
     if ref:
-        return store.get_manifest(store.resolve_ref(ref))
+        RefName.parse(ref)
     if not has_digest:
         return None
     try:
-        digest = Digest.from_proto(getattr(header, digest_field))
+        return Digest.from_proto(getattr(header, digest_field))
     except ValueError as exc:
         raise InvalidInput(f"{digest_field} digest: {exc}") from None
-    return store.get_manifest(digest)
+
+
+def _named_manifest(
+    store: StoreClient,
+    ref: str,
+    header: compressor_pb2.ReconstructHeader,
+    digest_field: DigestField,
+) -> common_pb2.Manifest | None:
+    """The manifest named by ``ref`` or by the header's ``digest_field``; None if neither."""
+    digest = _naming(ref, header, digest_field)
+    if ref:
+        return store.get_manifest(store.resolve_ref(ref))
+    return None if digest is None else store.get_manifest(digest)
 
 
 def _out_dtype(name: str, default: torch.dtype | None) -> torch.dtype | None:
@@ -110,15 +136,17 @@ def stream_deltas(
     store: StoreClient,
     entries: dict[str, common_pb2.TensorEntry],
     out_dtype: str,
+    *,
     frame_bytes: int,
+    max_tensor_bytes: int,
 ) -> Iterator[bytes]:
     dtype = _out_dtype(out_dtype, torch.float32)
     assert dtype is not None
     for name, entry in entries.items():
         if entry.kind == common_pb2.STORAGE_KIND_ZERO:
             continue
-        delta = decode_entry(store, entry).to(dtype)
-        yield from _response_frames(name, DELTA, delta, frame_bytes)
+        delta = _decoded(name, entry, max_tensor_bytes, partial(decode_entry, store, entry))
+        yield from _response_frames(name, DELTA, delta.to(dtype), frame_bytes)
 
 
 def stream_rebuilt(
@@ -151,9 +179,20 @@ def stream_rebuilt(
         if name not in remaining and not pass_through:
             continue
         entry = remaining.pop(name, None)
-        yield from _rebuilt_frames(store, name, entry, base, dtype=forced, frame_bytes=frame_bytes)
+        yield from _rebuilt_frames(
+            store,
+            name,
+            entry,
+            base,
+            dtype=forced,
+            frame_bytes=frame_bytes,
+            max_tensor_bytes=max_tensor_bytes,
+        )
     else:
         raise InvalidInput("the stream ended without End; the reconstruction is incomplete")
+    unfinished = [name for _, name in frames.unfinished()]
+    if unfinished:
+        raise InvalidInput(f"the stream ended inside base tensor(s): {', '.join(unfinished[:5])}")
     _check_all_found(remaining)
 
 
@@ -164,6 +203,7 @@ def stream_rebuilt_from(
     out_dtype: str,
     *,
     frame_bytes: int,
+    max_tensor_bytes: int,
     pass_through: bool,
 ) -> Iterator[bytes]:
     """Rebuilt tensors of a registered base, one read at a time: every base tensor with
@@ -174,7 +214,13 @@ def stream_rebuilt_from(
     for name in names:
         tensor = base.get(name)
         yield from _rebuilt_frames(
-            store, name, entries.get(name), tensor, dtype=forced, frame_bytes=frame_bytes
+            store,
+            name,
+            entries.get(name),
+            tensor,
+            dtype=forced,
+            frame_bytes=frame_bytes,
+            max_tensor_bytes=max_tensor_bytes,
         )
 
 
@@ -186,12 +232,47 @@ def _rebuilt_frames(
     *,
     dtype: torch.dtype | None,
     frame_bytes: int,
+    max_tensor_bytes: int,
 ) -> Iterator[bytes]:
-    try:
+    if entry is None:  # not changed by the fine-tune: the base, cast if asked
         rebuilt = rebuild_tensor(store, entry, base, dtype)
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+    elif list(base.shape) != list(entry.shape):
+        raise InvalidInput(
+            f"tensor {name!r}: base shape {list(base.shape)} != stored {list(entry.shape)}"
+        )
+    else:
+        rebuilt = _decoded(
+            name, entry, max_tensor_bytes, partial(rebuild_tensor, store, entry, base, dtype)
+        )
     yield from _response_frames(name, FINETUNED, rebuilt, frame_bytes)
+
+
+_DECODE_ERRORS = (ValueError, LookupError, ArithmeticError, RuntimeError)
+"""What decoding raises for an entry no compressor wrote: an unknown method or dtype
+(ValueError, KeyError), parts or params missing (KeyError), sizes that disagree
+(ValueError, torch's RuntimeError), a zero group size (ZeroDivisionError)."""
+
+
+def _decoded(
+    name: str,
+    entry: common_pb2.TensorEntry,
+    max_tensor_bytes: int,
+    decode: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``decode()`` of a stored entry: TensorTooLarge, before any of it is read, when its
+    fp32 delta would pass the server's limit per tensor; Undecodable when it is not an
+    encoding any compressor writes (the store checks a manifest's sums, not its
+    encodings)."""
+    size = math.prod(entry.shape) * 4
+    if size > max_tensor_bytes:
+        raise TensorTooLarge(
+            f"tensor {name!r} {list(entry.shape)} decodes to {size} bytes, above this "
+            f"server's {max_tensor_bytes}-byte limit per tensor"
+        )
+    try:
+        return decode()
+    except _DECODE_ERRORS as exc:
+        raise Undecodable(f"tensor {name!r} of the stored delta cannot be decoded: {exc}") from None
 
 
 def _response_frames(

@@ -7,9 +7,13 @@ is read, so a bad request costs the client nothing but the header.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
+import math
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +71,8 @@ class TensorSelector:
 
 def parse_options(method: Method[Any], options: Mapping[str, str]) -> dict[str, Any]:
     """Method options from strings: each value is JSON when it parses (lists become tuples),
-    else the string itself; the method's config checks names and values."""
+    else the string itself; each must be of its config field's type, and the method's
+    config checks names and values."""
     parsed: dict[str, Any] = {}
     for key, text in options.items():
         try:
@@ -76,10 +81,51 @@ def parse_options(method: Method[Any], options: Mapping[str, str]) -> dict[str, 
             value = text
         parsed[key] = tuple(value) if isinstance(value, list) else value
     try:
+        _check_types(method.config_type, parsed)
         method.make_config(parsed)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"method {method.name} options: {exc}") from None
     return parsed
+
+
+def _check_types(config_type: type[Any], options: Mapping[str, Any]) -> None:
+    """TypeError naming the first option whose value is not of its field's type: configs
+    check ranges, so a string where an int belongs would otherwise fail deep inside the
+    method, mid-stream, as an internal error."""
+    hints = typing.get_type_hints(config_type)
+    for field in dataclasses.fields(config_type):
+        if field.name in options and not _fits(options[field.name], hints[field.name]):
+            raise TypeError(
+                f"option {field.name!r} must be {_describe(hints[field.name])}, "
+                f"got {options[field.name]!r}"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:  # noqa: PLR0911 (one answer per kind of type)
+    """Whether a parsed option value is of the annotated type (floats finite)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(item, args[0]) for item in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return any(value == member.value for member in hint)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return f"one of {[member.value for member in hint]}"
+    return str(hint) if typing.get_origin(hint) else hint.__name__
 
 
 def _method(name: str) -> Method[Any]:
@@ -131,7 +177,7 @@ class CompressSpec:
                 else Algorithm.BLAKE3
             )
         except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
+            raise InvalidInput(f"digest_algorithm: {exc}") from None
         return cls(
             method=method.name,
             ratio=ratio,
@@ -149,6 +195,8 @@ class CompressSpec:
 
 
 def _scope(value: int, method: str) -> Scope:
+    if value not in compressor_pb2.AllocationScope.values():  # an open enum takes any value
+        raise InvalidInput(f"allocation {value} is not an AllocationScope; use PER_MATRIX or MODEL")
     if value == compressor_pb2.ALLOCATION_SCOPE_MODEL:
         if method != "adamix":
             raise InvalidInput(

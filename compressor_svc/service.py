@@ -9,16 +9,18 @@ from typing import TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.store_client import StoreClient
-from clients.wire import WithBytes, bytes_field_parser
+from clients.wire import Malformed, WithBytes, bytes_field_parser, lenient
 from compressor_svc.config import CompressorConfig
 from compressor_svc.errors import InvalidInput
 from compressor_svc.metrics import CompressorMetrics
 from compressor_svc.pipeline import CompressSession, InputPairer
 from compressor_svc.plan import plan_tensor
 from compressor_svc.reconstruct import (
+    check_header,
     resolve_base,
     resolve_manifest,
     selected_entries,
@@ -32,8 +34,19 @@ from store_svc.serving import add_service
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", compressor_pb2.CompressRequest, compressor_pb2.PlanRequest)
+Q = TypeVar("Q", bound=Message)
 Frame = tuple[compressor_pb2.TensorFrame, memoryview]
 """A received frame and, apart from it, its bytes."""
+
+
+def _parsed(requests: Iterator[WithBytes[Q] | Malformed], rpc: str) -> Iterator[WithBytes[Q]]:
+    """The requests of a stream, refusing it at the first one that did not parse."""
+    for number, request in enumerate(requests, 1):
+        if isinstance(request, Malformed):
+            raise InvalidInput(
+                f"{rpc}: request {number} is not a valid {request.message_type}: {request.error}"
+            )
+        yield request
 
 
 def _header(requests: Iterator[WithBytes[R]], rpc: str) -> R:
@@ -88,11 +101,12 @@ class CompressorServicer:
 
     def Compress(
         self,
-        request_iterator: Iterator[WithBytes[compressor_pb2.CompressRequest]],
+        request_iterator: Iterator[WithBytes[compressor_pb2.CompressRequest] | Malformed],
         context: grpc.ServicerContext,
     ) -> Iterator[compressor_pb2.CompressResponse]:
         with self._tracked():
-            header = _header(request_iterator, "Compress")
+            requests = _parsed(request_iterator, "Compress")
+            header = _header(requests, "Compress")
             spec = CompressSpec.from_proto(header.header)
             session = CompressSession(
                 spec,
@@ -103,7 +117,7 @@ class CompressorServicer:
             )
             pairer = self._pairer()
             try:
-                for frame, data in self._frames(request_iterator, "Compress"):
+                for frame, data in self._frames(requests, "Compress"):
                     item = pairer.add(frame, data)
                     if item is None:
                         continue
@@ -130,14 +144,15 @@ class CompressorServicer:
 
     def Plan(
         self,
-        request_iterator: Iterator[WithBytes[compressor_pb2.PlanRequest]],
+        request_iterator: Iterator[WithBytes[compressor_pb2.PlanRequest] | Malformed],
         context: grpc.ServicerContext,
     ) -> Iterator[compressor_pb2.PlanResponse]:
         with self._tracked():
-            header = _header(request_iterator, "Plan")
+            requests = _parsed(request_iterator, "Plan")
+            header = _header(requests, "Plan")
             spec = PlanSpec.from_proto(header.header)
             pairer = self._pairer()
-            for frame, data in self._frames(request_iterator, "Plan"):
+            for frame, data in self._frames(requests, "Plan"):
                 item = pairer.add(frame, data)
                 if item is not None:
                     response = plan_tensor(item, spec)
@@ -147,14 +162,16 @@ class CompressorServicer:
 
     def Reconstruct(
         self,
-        request_iterator: Iterator[WithBytes[compressor_pb2.ReconstructRequest]],
+        request_iterator: Iterator[WithBytes[compressor_pb2.ReconstructRequest] | Malformed],
         context: grpc.ServicerContext,
     ) -> Iterator[bytes]:
         with self._tracked():
-            first = next(request_iterator, None)
+            requests = _parsed(request_iterator, "Reconstruct")
+            first = next(requests, None)
             if first is None or not first.message.HasField("header"):
                 raise InvalidInput("Reconstruct: the first message must be a header")
             header = first.message.header
+            check_header(header)
             manifest = resolve_manifest(self._store, header)
             entries = selected_entries(manifest, list(header.names))
             frame_bytes = self._config.reply_frame_bytes
@@ -166,16 +183,23 @@ class CompressorServicer:
                     stored_base,
                     header.out_dtype,
                     frame_bytes=frame_bytes,
+                    max_tensor_bytes=self._config.max_tensor_bytes,
                     pass_through=not header.names,
                 )
                 return
             if not header.add_base:
-                yield from stream_deltas(self._store, entries, header.out_dtype, frame_bytes)
+                yield from stream_deltas(
+                    self._store,
+                    entries,
+                    header.out_dtype,
+                    frame_bytes=frame_bytes,
+                    max_tensor_bytes=self._config.max_tensor_bytes,
+                )
                 return
             yield from stream_rebuilt(
                 self._store,
                 entries,
-                request_iterator,
+                requests,
                 header.out_dtype,
                 frame_bytes=frame_bytes,
                 max_tensor_bytes=self._config.max_tensor_bytes,
@@ -185,7 +209,8 @@ class CompressorServicer:
 
 def add_to_server(servicer: CompressorServicer, server: grpc.Server) -> None:
     """Register the Compressor service: request frames arrive with their bytes apart
-    (``WithBytes``), Reconstruct sends its frames already serialized."""
+    (``WithBytes``), or as ``Malformed`` when they do not parse; Reconstruct sends its
+    frames already serialized."""
     pb = compressor_pb2
     add_service(
         server,
@@ -194,13 +219,21 @@ def add_to_server(servicer: CompressorServicer, server: grpc.Server) -> None:
         "Compressor",
         {
             "Compress": (
-                bytes_field_parser(pb.CompressRequest, "frame", "data"),
+                lenient(
+                    bytes_field_parser(pb.CompressRequest, "frame", "data"), pb.CompressRequest
+                ),
                 pb.CompressResponse.SerializeToString,
             ),
             "Plan": (
-                bytes_field_parser(pb.PlanRequest, "frame", "data"),
+                lenient(bytes_field_parser(pb.PlanRequest, "frame", "data"), pb.PlanRequest),
                 pb.PlanResponse.SerializeToString,
             ),
-            "Reconstruct": (bytes_field_parser(pb.ReconstructRequest, "base", "data"), None),
+            "Reconstruct": (
+                lenient(
+                    bytes_field_parser(pb.ReconstructRequest, "base", "data"),
+                    pb.ReconstructRequest,
+                ),
+                None,
+            ),
         },
     )

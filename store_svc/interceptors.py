@@ -25,9 +25,10 @@ from grpc_status import rpc_status
 
 from clients.channel import forwarded_authorization
 from clients.errors import DeltaVaultError
+from clients.wire import Malformed
 from store_svc.auth import TokenTable
 from store_svc.backends.base import BackendError, BackendUnavailable, ObjectNotFound
-from store_svc.errors import StoreError
+from store_svc.errors import InvalidArgument, StoreError
 from store_svc.identity import ANONYMOUS_CALLER, Caller, current_caller
 from store_svc.limits import Admission, client_of, leasing
 
@@ -45,6 +46,31 @@ def _bound(var: ContextVar[V], value: V) -> Iterator[None]:
         yield
     finally:
         var.reset(token)
+
+
+def _parsed(request: Any) -> Any:
+    """The request (or request stream) the handler gets: a request that did not parse
+    (``clients.wire.Malformed``, from the lenient deserializers of
+    ``store_svc.serving.add_service``) is INVALID_ARGUMENT, where gRPC would answer a
+    deserializer's exception with INTERNAL."""
+    if isinstance(request, Malformed):
+        raise _malformed(request, 1)
+    if isinstance(request, Iterator):
+        return _parsed_stream(request)
+    return request
+
+
+def _parsed_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for number, request in enumerate(requests, 1):
+        if isinstance(request, Malformed):
+            raise _malformed(request, number)
+        yield request
+
+
+def _malformed(request: Malformed, number: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"request {number} is not a valid {request.message_type}: {request.error}"
+    )
 
 
 def _authorization(context: grpc.ServicerContext) -> str | None:
@@ -176,7 +202,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 with self._handling(full_method, context, streaming):
-                    return behavior(request, context)
+                    return behavior(_parsed(request), context)
             except Exception as exc:
                 code = _fail(context, exc)
                 # Abort rather than return None, which gRPC would try to serialize.
@@ -193,7 +219,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 with self._handling(full_method, context, streaming=True):
-                    yield from behavior(request, context)
+                    yield from behavior(_parsed(request), context)
             except GeneratorExit:
                 code = grpc.StatusCode.CANCELLED
                 raise

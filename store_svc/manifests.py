@@ -9,7 +9,7 @@ collection sweeps under the exclusive side.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -66,9 +66,12 @@ class ManifestStore:
         self._backend = backend
         self._chunks = chunks
 
-    def commit(self, manifest: common_pb2.Manifest) -> CommitResult:
-        """Validate, check every chunk is present, and store. Idempotent. The caller holds
-        the commit lock's shared side."""
+    def commit(
+        self, manifest: common_pb2.Manifest, before_write: Callable[[], None] | None = None
+    ) -> CommitResult:
+        """Validate, check every chunk is present, run ``before_write`` (a check that may
+        still refuse the commit: a ref's compare-and-swap), and store. Idempotent. The
+        caller holds the commit lock's shared side."""
         algorithm = validate(manifest)
         data = serialize(manifest)
         digest = Digest.of_manifest(data, algorithm)
@@ -76,6 +79,8 @@ class ManifestStore:
         missing = self._chunks.missing(digests)
         if missing:
             raise MissingChunks(missing, context="manifest not committed")
+        if before_write is not None:
+            before_write()
         written = self._backend.put_if_absent(manifest_key(digest), data)
         total = sum(chunk.size for chunk in chunk_refs(manifest))
         return CommitResult(digest, not written, len(digests), total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from store_svc.backends.base import Backend, BackendError, BackendUnavailable
@@ -21,6 +22,7 @@ from store_svc.errors import (
     MissingChunks,
     NotFound,
     PermissionDenied,
+    RefConflict,
     StoreError,
 )
 from store_svc.gc import GarbageCollector, GcStats
@@ -120,7 +122,10 @@ class Repository:
                 unowned = self.tenants.unowned(tenant.name, Kind.CHUNK, chunk_digests(manifest))
                 if unowned:
                     raise MissingChunks(unowned, context="manifest not committed")
-            result = self.manifests.commit(manifest)
+            # A compare-and-swap that is lost already writes nothing; one lost to a writer
+            # racing in after this check leaves an unreferenced manifest, for GC.
+            precheck = None if move is None or move.force else partial(self._check_ref, move)
+            result = self.manifests.commit(manifest, before_write=precheck)
             if tenant is not None:
                 new = self.tenants.claim_manifest(tenant.name, result.digest)
                 result = replace(result, already_present=not new)
@@ -165,6 +170,11 @@ class Repository:
         for digest in chunks:
             self._verify_chunk(digest, report)
         return report
+
+    def _check_ref(self, move: RefMove) -> None:
+        current = self.refs.resolve(move.ref)
+        if current != move.expected:
+            raise RefConflict(str(move.ref), move.expected, current)
 
     def _has_manifest(self, digest: Digest, tenant: Tenant | None) -> bool:
         if tenant is None:

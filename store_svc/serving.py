@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from clients.tls import ServerTls
+from clients.wire import lenient
 from store_svc.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -50,17 +51,20 @@ def add_service(
 ) -> None:
     """Register every method of ``service`` (declared in the generated module ``messages``)
     as ``servicer``'s method of that name, with protobuf's (de)serializers except where
-    ``codecs`` names others (frames parsed and sent around their data: ``clients.wire``)."""
+    ``codecs`` names others (frames parsed and sent around their data: ``clients.wire``).
+    Requests that do not parse reach the handler as ``clients.wire.Malformed`` (the
+    ``CallInterceptor`` refuses them with INVALID_ARGUMENT)."""
     descriptor = messages.DESCRIPTOR.services_by_name[service]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
+        request_type = getattr(messages, method.input_type.name)
         deserialize, serialize = (codecs or {}).get(method.name) or (
-            getattr(messages, method.input_type.name).FromString,
+            request_type.FromString,
             getattr(messages, method.output_type.name).SerializeToString,
         )
         handlers[method.name] = _HANDLERS[(method.client_streaming, method.server_streaming)](
             getattr(servicer, method.name),
-            request_deserializer=deserialize,
+            request_deserializer=lenient(deserialize, request_type),
             response_serializer=serialize,
         )
     server.add_generic_rpc_handlers(

@@ -81,6 +81,7 @@ class AdamixConfig(MethodConfig):
             raise ValueError(
                 f"max_distinct_widths must be ≥ 1 or None, got {self.max_distinct_widths}"
             )
+        self.gptq  # noqa: B018  (GPTQConfig checks group_size and damp now, not mid-stream)
 
     @property
     def gptq(self) -> GPTQConfig:

@@ -49,6 +49,7 @@ class DeltaCoMeConfig(MethodConfig):
                 f"{len(self.widths) - 1} non-negative counts for widths {self.widths}, "
                 f"got {self.counts}"
             )
+        self.gptq  # noqa: B018  (GPTQConfig checks group_size and damp now, not mid-stream)
 
     @property
     def gptq(self) -> GPTQConfig:
