@@ -75,6 +75,20 @@ _ROLE_NAMES: dict[int, str] = {
 
 # --- frames → tensors ------------------------------------------------------------------
 
+_MAX_ELEMENTS = 2**63
+"""torch indexes a tensor's elements with int64, even those of an empty tensor."""
+
+
+def check_frame_shape(frame: compressor_pb2.TensorFrame) -> None:
+    """InvalidInput for a shape no tensor can have, even an empty one: ``[0, 2**40,
+    2**40]`` holds no bytes, so it passes every size limit, but torch cannot lay it out
+    (its strides overflow int64)."""
+    if math.prod(dim for dim in frame.shape if dim > 0) >= _MAX_ELEMENTS:
+        raise InvalidInput(
+            f"tensor {frame.name!r}: shape {list(frame.shape)} has 2^63 elements or more "
+            "(without its zero dimensions)"
+        )
+
 
 @dataclass(frozen=True)
 class TensorInput:
@@ -125,6 +139,7 @@ class InputPairer:
             raise InvalidInput(f"tensor {frame.name!r}: frame without a valid role")
         if frame.name in self._done:
             raise InvalidInput(f"tensor {frame.name!r} was already sent complete")
+        check_frame_shape(frame)
         try:
             tensor = self._frames.add(frame, data)
         except FrameError as exc:

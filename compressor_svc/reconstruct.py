@@ -32,6 +32,7 @@ from clients.encoding import (
 from clients.store_client import StoreClient
 from clients.wire import WithBytes
 from compressor_svc.errors import InvalidInput, MissingBase, TensorTooLarge, Undecodable
+from compressor_svc.pipeline import check_frame_shape
 from store_svc.digest import Digest
 from store_svc.refs import RefName
 
@@ -169,6 +170,7 @@ def stream_rebuilt(
             break
         if not request.HasField("base"):
             raise InvalidInput("after the header, send base frames and then an End")
+        check_frame_shape(request.base)
         try:
             base = frames.add(request.base, data)
         except FrameError as exc:

@@ -9,11 +9,10 @@ from typing import TypeVar
 
 import grpc
 import torch
-from google.protobuf.message import Message
 
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients.store_client import StoreClient
-from clients.wire import Malformed, WithBytes, bytes_field_parser, lenient
+from clients.wire import WithBytes, bytes_field_parser
 from compressor_svc.config import CompressorConfig
 from compressor_svc.errors import InvalidInput
 from compressor_svc.metrics import CompressorMetrics
@@ -34,19 +33,8 @@ from store_svc.serving import add_service
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", compressor_pb2.CompressRequest, compressor_pb2.PlanRequest)
-Q = TypeVar("Q", bound=Message)
 Frame = tuple[compressor_pb2.TensorFrame, memoryview]
 """A received frame and, apart from it, its bytes."""
-
-
-def _parsed(requests: Iterator[WithBytes[Q] | Malformed], rpc: str) -> Iterator[WithBytes[Q]]:
-    """The requests of a stream, refusing it at the first one that did not parse."""
-    for number, request in enumerate(requests, 1):
-        if isinstance(request, Malformed):
-            raise InvalidInput(
-                f"{rpc}: request {number} is not a valid {request.message_type}: {request.error}"
-            )
-        yield request
 
 
 def _header(requests: Iterator[WithBytes[R]], rpc: str) -> R:
@@ -101,11 +89,10 @@ class CompressorServicer:
 
     def Compress(
         self,
-        request_iterator: Iterator[WithBytes[compressor_pb2.CompressRequest] | Malformed],
+        requests: Iterator[WithBytes[compressor_pb2.CompressRequest]],
         context: grpc.ServicerContext,
     ) -> Iterator[compressor_pb2.CompressResponse]:
         with self._tracked():
-            requests = _parsed(request_iterator, "Compress")
             header = _header(requests, "Compress")
             spec = CompressSpec.from_proto(header.header)
             session = CompressSession(
@@ -144,11 +131,10 @@ class CompressorServicer:
 
     def Plan(
         self,
-        request_iterator: Iterator[WithBytes[compressor_pb2.PlanRequest] | Malformed],
+        requests: Iterator[WithBytes[compressor_pb2.PlanRequest]],
         context: grpc.ServicerContext,
     ) -> Iterator[compressor_pb2.PlanResponse]:
         with self._tracked():
-            requests = _parsed(request_iterator, "Plan")
             header = _header(requests, "Plan")
             spec = PlanSpec.from_proto(header.header)
             pairer = self._pairer()
@@ -162,11 +148,10 @@ class CompressorServicer:
 
     def Reconstruct(
         self,
-        request_iterator: Iterator[WithBytes[compressor_pb2.ReconstructRequest] | Malformed],
+        requests: Iterator[WithBytes[compressor_pb2.ReconstructRequest]],
         context: grpc.ServicerContext,
     ) -> Iterator[bytes]:
         with self._tracked():
-            requests = _parsed(request_iterator, "Reconstruct")
             first = next(requests, None)
             if first is None or not first.message.HasField("header"):
                 raise InvalidInput("Reconstruct: the first message must be a header")
@@ -209,8 +194,8 @@ class CompressorServicer:
 
 def add_to_server(servicer: CompressorServicer, server: grpc.Server) -> None:
     """Register the Compressor service: request frames arrive with their bytes apart
-    (``WithBytes``), or as ``Malformed`` when they do not parse; Reconstruct sends its
-    frames already serialized."""
+    (``WithBytes``; ``add_service`` makes the parsers lenient and the ``CallInterceptor``
+    refuses what does not parse), Reconstruct sends its frames already serialized."""
     pb = compressor_pb2
     add_service(
         server,
@@ -219,21 +204,13 @@ def add_to_server(servicer: CompressorServicer, server: grpc.Server) -> None:
         "Compressor",
         {
             "Compress": (
-                lenient(
-                    bytes_field_parser(pb.CompressRequest, "frame", "data"), pb.CompressRequest
-                ),
+                bytes_field_parser(pb.CompressRequest, "frame", "data"),
                 pb.CompressResponse.SerializeToString,
             ),
             "Plan": (
-                lenient(bytes_field_parser(pb.PlanRequest, "frame", "data"), pb.PlanRequest),
+                bytes_field_parser(pb.PlanRequest, "frame", "data"),
                 pb.PlanResponse.SerializeToString,
             ),
-            "Reconstruct": (
-                lenient(
-                    bytes_field_parser(pb.ReconstructRequest, "base", "data"),
-                    pb.ReconstructRequest,
-                ),
-                None,
-            ),
+            "Reconstruct": (bytes_field_parser(pb.ReconstructRequest, "base", "data"), None),
         },
     )
