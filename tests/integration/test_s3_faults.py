@@ -22,15 +22,14 @@ import grpc
 import pytest
 import torch
 
-from clients._generated.deltavault.common.v1 import common_pb2
 from clients.errors import DeltaVaultError, NotFoundError, UnavailableError
 from clients.safetensors_io import Checkpoint
 from clients.sdk import DeltaVault, TensorReport
 from store_svc.backends.base import Backend, BackendUnavailable, ObjectInfo
 from store_svc.backends.s3 import S3Backend
 from store_svc.cas import CHUNK_PREFIX
-from store_svc.digest import Algorithm, Digest
-from store_svc.manifests import FORMAT_VERSION, MANIFEST_PREFIX
+from store_svc.digest import Digest
+from store_svc.manifests import MANIFEST_PREFIX
 from store_svc.refs import REF_PREFIX
 from tests.integration.conftest import (
     EMBEDDING,
@@ -39,6 +38,7 @@ from tests.integration.conftest import (
     start_store,
     stop_store,
 )
+from tests.support.manifests import byte_tensor_manifest
 from tests.support.seaweedfs import SeaweedS3
 
 pytestmark = pytest.mark.s3
@@ -180,28 +180,6 @@ def stored_keys(backend: Backend, prefix: str) -> list[str]:
     return [info.key for info in backend.list(prefix)]
 
 
-def one_tensor_manifest(chunks: list[common_pb2.ChunkRef], size: int) -> common_pb2.Manifest:
-    """A delta of one lossless byte tensor stored as ``chunks``."""
-    part = common_pb2.EncodedPart(
-        name="codes", dtype="uint8", shape=[size], nbits=8 * size, byte_length=size, chunks=chunks
-    )
-    tensor = common_pb2.TensorEntry(
-        name="layer.0.weight",
-        kind=common_pb2.STORAGE_KIND_LOSSLESS,
-        method="lossless",
-        shape=[size],
-        dtype="uint8",
-        parts=[part],
-        nbits=part.nbits,
-    )
-    return common_pb2.Manifest(
-        format_version=FORMAT_VERSION,
-        digest_algorithm=Algorithm.BLAKE3.to_proto(),
-        base_fingerprint="base-1",
-        tensors=[tensor],
-    )
-
-
 def test_an_upload_cut_by_an_outage_fails_fast_and_its_retry_sends_only_the_rest(
     s3: SeaweedS3, tmp_path: Path
 ) -> None:
@@ -222,7 +200,7 @@ def test_an_upload_cut_by_an_outage_fails_fast_and_its_retry_sends_only_the_rest
         assert (stats.chunks, stats.chunks_sent) == (chunks, chunks - (nth - 1))
         assert stats.bytes_written == stats.bytes_sent  # each chunk sent was new, and written
 
-        info = store.client.commit_manifest(one_tensor_manifest(refs, len(payload)), ref="ns/m")
+        info = store.client.commit_manifest(byte_tensor_manifest(refs), ref="ns/m")
         assert store.client.resolve_ref("ns/m") == info.digest
         assert store.client.read(refs) == payload
         report = store.client.verify()
@@ -239,7 +217,7 @@ def test_reads_while_s3_is_down_fail_fast_and_succeed_once_it_is_back(
     try:
         payload = os.urandom(3 * SMALL_CHUNK + 7)
         refs, _ = store.client.upload(payload)
-        info = store.client.commit_manifest(one_tensor_manifest(refs, len(payload)), ref="ns/m")
+        info = store.client.commit_manifest(byte_tensor_manifest(refs), ref="ns/m")
         client = store.client
         reads: dict[str, Callable[[], object]] = {
             "GetChunks": lambda: client.read(refs),
@@ -314,7 +292,7 @@ def test_a_ref_move_whose_answer_an_outage_lost_is_no_conflict_on_retry(
     try:
         payload = os.urandom(2 * SMALL_CHUNK)
         refs, _ = store.client.upload(payload)
-        info = store.client.commit_manifest(one_tensor_manifest(refs, len(payload)), ref="ns/m")
+        info = store.client.commit_manifest(byte_tensor_manifest(refs), ref="ns/m")
         assert backend.lost == stored_keys(backend.inner, REF_PREFIX)  # one version, lost
         assert store.client.resolve_ref("ns/m") == info.digest
         assert store.client.verify(info.digest).damaged == []

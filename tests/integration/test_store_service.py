@@ -36,38 +36,16 @@ from clients.store_client import RetryPolicy, StoreClient
 from store_svc.backends.base import Backend
 from store_svc.cas import chunk_key
 from store_svc.digest import Algorithm, Digest
-from store_svc.manifests import FORMAT_VERSION
 from tests.integration.conftest import SMALL_CHUNK, RunningStore, start_store, stop_store
 from tests.support.children import free_port
+from tests.support.manifests import byte_tensor_manifest
 
 
 def make_manifest(
     client: StoreClient, payload: bytes, algorithm: Algorithm = Algorithm.BLAKE3
 ) -> common_pb2.Manifest:
     refs, _ = client.upload(payload, algorithm)
-    part = common_pb2.EncodedPart(
-        name="codes",
-        dtype="uint8",
-        shape=[len(payload)],
-        nbits=8 * len(payload),
-        byte_length=len(payload),
-        chunks=refs,
-    )
-    tensor = common_pb2.TensorEntry(
-        name="layer.0.weight",
-        kind=common_pb2.STORAGE_KIND_LOSSLESS,
-        method="lossless",
-        shape=[len(payload)],
-        dtype="float16",
-        parts=[part],
-        nbits=part.nbits,
-    )
-    return common_pb2.Manifest(
-        format_version=FORMAT_VERSION,
-        digest_algorithm=algorithm.to_proto(),
-        base_fingerprint="base-1",
-        tensors=[tensor],
-    )
+    return byte_tensor_manifest(refs, algorithm)
 
 
 @pytest.mark.parametrize("algorithm", list(Algorithm), ids=lambda a: a.value)

@@ -147,6 +147,23 @@ def maybe(
 ALGORITHMS = (common_pb2.DIGEST_ALGORITHM_BLAKE3, common_pb2.DIGEST_ALGORITHM_SHA256)
 
 
+def damaged(draw: st.DrawFn, valid: bytes) -> bytes:
+    """Bytes near a well-formed serialized request: random ones, or ``valid`` truncated,
+    with a byte flipped, or with bytes appended."""
+    position = draw(st.integers(0, max(len(valid) - 1, 0)))
+    flipped = bytearray(valid)
+    if flipped:
+        flipped[position] ^= draw(st.integers(1, 255))
+    return draw(
+        st.one_of(
+            st.binary(max_size=200),
+            st.just(valid[:position]),
+            st.just(bytes(flipped)),
+            st.binary(min_size=1, max_size=20).map(lambda tail: valid + tail),
+        )
+    )
+
+
 def random_digests() -> st.SearchStrategy[Digest]:
     """Well-formed digests of nothing anyone stored."""
     return st.builds(Digest, st.sampled_from(list(Algorithm)), st.binary(min_size=32, max_size=32))
