@@ -360,7 +360,7 @@ def broken(draw: st.DrawFn, name: str) -> Sent:  # noqa: PLR0911, PLR0912
             size = math.prod(dims) * WIRE_DTYPES[good[0].dtype].itemsize
             good[0].shape[:] = dims
             good[0].total_bytes = min(size, 2**64 - 1) if draw(st.booleans()) else 7
-            return Sent(good, (refused("limit", "bytes"),))
+            return Sent(good, (refused("limit", "bytes", "2^63"),))
         case "unknown dtype":
             dtype = draw(
                 st.one_of(
