@@ -80,6 +80,14 @@ def _list_prefix(prefix: str) -> str:
     return prefix
 
 
+def _page_token(text: str) -> RefName | None:
+    """The ref a ListRefs page starts after (its token is the last ref of the page before)."""
+    try:
+        return RefName.parse(text) if text else None
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"page_token: {exc}") from None
+
+
 class DeltaStoreServicer:
     """The store's methods; :func:`add_to_server` registers them with the frame-aware wire
     code of :mod:`clients.wire` for the two chunk streams."""
@@ -215,7 +223,7 @@ class DeltaStoreServicer:
     ) -> store_pb2.ListRefsResponse:
         prefix = _list_prefix(request.prefix)
         limit = min(request.page_size or self._config.list_page_size, self._config.list_page_size)
-        after = RefName.parse(request.page_token) if request.page_token else None
+        after = _page_token(request.page_token)
         response = store_pb2.ListRefsResponse()
         for ref, target in self._repo.refs.list(prefix, start_after=after):
             if len(response.refs) == limit:

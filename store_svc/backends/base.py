@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+# Matched whole (fullmatch): "$" would also match before a final newline.
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
 class BackendError(Exception):
@@ -51,7 +52,7 @@ def check_key(key: str) -> str:
     A valid key is one or more ``/``-separated segments of ``[A-Za-z0-9._-]``, none of
     them ``.`` or ``..``: it can never escape a local root or address a bucket's parent.
     """
-    if not _KEY_PATTERN.match(key) or any(part in {".", ".."} for part in key.split("/")):
+    if not _KEY_PATTERN.fullmatch(key) or any(part in {".", ".."} for part in key.split("/")):
         raise ValueError(f"invalid object key {key!r}")
     return key
 

@@ -112,7 +112,7 @@ def test_delete_is_idempotent(backend: Backend) -> None:
 
 
 INVALID_KEYS = ["", "../x", "/abs", "a//b", "a/./b", "a/../b", "..", "a b", "a\nb", "a\tb"]
-INVALID_KEYS += ["a\x00b", "a/", "ü", "a\\b", "a?b"]
+INVALID_KEYS += ["a\x00b", "a/", "ü", "a\\b", "a?b", "a\n"]
 
 
 @pytest.mark.parametrize("key", INVALID_KEYS)
