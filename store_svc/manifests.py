@@ -67,16 +67,21 @@ class ManifestStore:
         self._chunks = chunks
 
     def commit(
-        self, manifest: common_pb2.Manifest, before_write: Callable[[], None] | None = None
+        self,
+        manifest: common_pb2.Manifest,
+        *,
+        find_missing: Callable[[list[Digest]], list[Digest]] | None = None,
+        before_write: Callable[[], None] | None = None,
     ) -> CommitResult:
-        """Validate, check every chunk is present, run ``before_write`` (a check that may
-        still refuse the commit: a ref's compare-and-swap), and store. Idempotent. The
-        caller holds the commit lock's shared side."""
+        """Validate, check every chunk is present (``find_missing`` says which of them are not:
+        by default those the store lacks), run ``before_write`` (a check that may still
+        refuse the commit: a ref's compare-and-swap), and store. Idempotent. The caller
+        holds the commit lock's shared side."""
         algorithm = validate(manifest)
         data = serialize(manifest)
         digest = Digest.of_manifest(data, algorithm)
         digests = chunk_digests(manifest)
-        missing = self._chunks.missing(digests)
+        missing = (find_missing or self._chunks.missing)(digests)
         if missing:
             raise MissingChunks(missing, context="manifest not committed")
         if before_write is not None:

@@ -19,7 +19,6 @@ from store_svc.errors import (
     ChunkNotFound,
     CorruptObject,
     FailedPrecondition,
-    MissingChunks,
     NotFound,
     PermissionDenied,
     RefConflict,
@@ -33,7 +32,6 @@ from store_svc.manifests import (
     ManifestStore,
     chunk_digests,
     manifest_key,
-    validate,
 )
 from store_svc.refs import RefName, RefStore
 from store_svc.tenancy import Kind, TenantChunks, TenantLedger
@@ -94,7 +92,9 @@ class Repository:
 
     def chunk_sink(self, tenant: Tenant | None) -> ChunkSink:
         """Where an upload for ``tenant`` stores its chunks."""
-        return self.chunks if tenant is None else TenantChunks(self.chunks, self.tenants, tenant)
+        if tenant is None:
+            return self.chunks
+        return TenantChunks(self.chunks, self.tenants, tenant, self._lock)
 
     def get_chunk(self, digest: Digest, tenant: Tenant | None) -> memoryview:
         """A chunk's verified bytes; absent for a tenant that did not upload it."""
@@ -116,16 +116,14 @@ class Repository:
         """Store a manifest and optionally move a ref to it; returns the ref's old target.
         A tenant's manifest may name only chunks the tenant uploaded, and it learns only
         whether *it* had committed the manifest before."""
+        # A tenant's chunks are those it has markers for (a marker implies the chunk): the
+        # store's own presence check would tell it which of the others exist.
+        unowned = None if tenant is None else partial(self.tenants.unowned, tenant.name, Kind.CHUNK)
+        # A compare-and-swap that is lost already writes nothing; one lost to a writer
+        # racing in after this check leaves an unreferenced manifest, for GC.
+        precheck = None if move is None or move.force else partial(self._check_ref, move)
         with self._lock.shared():
-            if tenant is not None:
-                validate(manifest)
-                unowned = self.tenants.unowned(tenant.name, Kind.CHUNK, chunk_digests(manifest))
-                if unowned:
-                    raise MissingChunks(unowned, context="manifest not committed")
-            # A compare-and-swap that is lost already writes nothing; one lost to a writer
-            # racing in after this check leaves an unreferenced manifest, for GC.
-            precheck = None if move is None or move.force else partial(self._check_ref, move)
-            result = self.manifests.commit(manifest, before_write=precheck)
+            result = self.manifests.commit(manifest, find_missing=unowned, before_write=precheck)
             if tenant is not None:
                 new = self.tenants.claim_manifest(tenant.name, result.digest)
                 result = replace(result, already_present=not new)

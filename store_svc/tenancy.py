@@ -14,12 +14,13 @@ held only what that tenant uploaded itself:
 - a tenant's usage is the raw size of the chunks it has markers for; an upload that would
   take it past its quota is refused with RESOURCE_EXHAUSTED before anything is written.
 
-Markers are written after the object they vouch for and deleted (by GC) before it, so a
-marker always names stored content. Usage is counted in memory from one scan of the
-tenant's markers on first use: the store runs as one process per bucket (the chart's
-``Recreate`` single replica). GC drops the markers a tenant's refs no longer need and then
-has the counts re-scanned. What remains observable is timing (a chunk already stored is
-not written again), which the proof of possession keeps from revealing content.
+Markers are written after the object they vouch for (under the commit lock, like commits)
+and deleted by GC before it, so a marker always names stored content. Usage is counted in
+memory from one scan of the tenant's markers on first use: the store runs as one process
+per bucket (the chart's ``Recreate`` single replica). GC drops the markers a tenant's refs
+no longer need and then has the counts re-scanned. What remains observable is timing (a
+chunk already stored is not written again), which the proof of possession keeps from
+revealing content.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from store_svc.cas import ChunkStore, PutResult, check_digest
 from store_svc.digest import Algorithm, Digest
 from store_svc.errors import QuotaExceeded
 from store_svc.identity import Tenant
+from store_svc.locking import SharedExclusiveLock
 
 TENANT_PREFIX = "tenants/"
 _PROBE_PARALLELISM = 16
@@ -166,10 +168,19 @@ class TenantLedger:
 
 class TenantChunks:
     """The chunk store as one tenant uploads to it (a ``ChunkSink``): every chunk is
-    marked for the tenant, within its quota; "written" means new to the tenant."""
+    marked for the tenant, within its quota; "written" means new to the tenant.
 
-    def __init__(self, chunks: ChunkStore, ledger: TenantLedger, tenant: Tenant) -> None:
-        self._chunks, self._ledger, self._tenant = chunks, ledger, tenant
+    The chunk write and its marker hold the commit lock's shared side, as commits do: GC
+    sweeps under the exclusive side, so it either sees the new marker (and keeps the
+    chunk) or runs before the write (which then stores the chunk again). Without it, a
+    sweep could delete a chunk that was deduplicated an instant before its marker was
+    written, and the marker would vouch for a chunk that is gone.
+    """
+
+    def __init__(
+        self, chunks: ChunkStore, ledger: TenantLedger, tenant: Tenant, lock: SharedExclusiveLock
+    ) -> None:
+        self._chunks, self._ledger, self._tenant, self._lock = chunks, ledger, tenant, lock
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -178,7 +189,11 @@ class TenantChunks:
     def put(self, digest: Digest, data: bytes, *, verified: bool = False) -> PutResult:
         if not verified:
             check_digest(digest, data)
-        new = self._ledger.put_chunk(
-            self._tenant, digest, len(data), lambda: self._chunks.put(digest, data, verified=True)
-        )
+        with self._lock.shared():
+            new = self._ledger.put_chunk(
+                self._tenant,
+                digest,
+                len(data),
+                lambda: self._chunks.put(digest, data, verified=True),
+            )
         return PutResult(new)

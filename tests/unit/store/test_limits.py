@@ -58,29 +58,30 @@ def test_no_limit_means_unlimited_and_negative_limits_are_refused() -> None:
         Limits(max_streams=-1)
 
 
-def test_concurrent_streams_never_exceed_the_limit() -> None:
+def _ask(admission: Admission, asked: threading.Barrier, outcomes: list[bool]) -> None:
+    """Ask for a slot; an admitted caller holds it until every caller has asked."""
+    try:
+        with admission.stream("a"):
+            outcomes.append(True)
+            asked.wait(10)
+    except Overloaded:
+        outcomes.append(False)
+        asked.wait(10)
+
+
+def test_racing_streams_get_exactly_the_free_slots() -> None:
+    """Eight threads ask at once, round after round: exactly the limit gets in."""
     admission = Admission(Limits(max_streams=4))
-    inside, peak, lock = 0, 0, threading.Lock()
-
-    def worker() -> None:
-        nonlocal inside, peak
-        for _ in range(200):
-            try:
-                with admission.stream("a"):
-                    with lock:
-                        inside += 1
-                        peak = max(peak, inside)
-                    with lock:
-                        inside -= 1
-            except Overloaded:
-                pass
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert 1 <= peak <= 4
+    for _ in range(20):
+        asked, outcomes = threading.Barrier(8), list[bool]()
+        threads = [
+            threading.Thread(target=_ask, args=(admission, asked, outcomes)) for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcomes) == [False] * 4 + [True] * 4
     with admission.stream("a"), admission.stream("a"), admission.stream("a"), admission.stream("a"):
         refused(admission, "a", "limit is 4")
 
