@@ -161,6 +161,31 @@ def _check_reachable(target: Target, config: AdamixConfig) -> None:
         )
 
 
+def allocate(
+    target: Target, config: AdamixConfig
+) -> tuple[ErrorTable, np.ndarray[Any, np.dtype[np.int64]]]:
+    """``target``'s error table and, per singular-vector pair, the index into
+    ``config.widths`` of the width the exact program gives it under ``target.budget``."""
+    _check_reachable(target, config)
+    table = error_table(target, config)
+    choice = allocate_bits(
+        table.errors, table.costs, target.budget, max_distinct_widths=config.max_distinct_widths
+    )
+    return table, choice
+
+
+def pair_widths(
+    delta: Tensor, ratio: float, gram: Tensor | None = None, **options: Any
+) -> list[int]:
+    """The bits ADAMIX gives each singular-vector pair of ``delta`` at ``ratio``, in SVD order
+    (largest singular value first; 0: the pair is dropped): what ``compress`` stores."""
+    method = get_method(Adamix.name)
+    config: AdamixConfig = method.make_config(options)
+    check_ratio(method, ratio)
+    _, choice = allocate(make_target(delta, ratio, gram), config)
+    return [config.widths[int(j)] for j in choice]
+
+
 @register_method
 class Adamix(Method[AdamixConfig]):
     name = "adamix"
@@ -169,11 +194,7 @@ class Adamix(Method[AdamixConfig]):
 
     @override
     def encode(self, target: Target, config: AdamixConfig) -> EncodedTensor:
-        _check_reachable(target, config)
-        table = error_table(target, config)
-        choice = allocate_bits(
-            table.errors, table.costs, target.budget, max_distinct_widths=config.max_distinct_widths
-        )
+        table, choice = allocate(target, config)
         return encode_choice(target, table, choice, config)
 
     @override

@@ -27,6 +27,7 @@ import clients.runtime_defaults  # noqa: F401  (first: before torch loads)
 
 import argparse
 import copy
+import hashlib
 import json
 import re
 import shutil
@@ -63,6 +64,22 @@ class Recipe:
     warmup_steps: int = 30
     seed: int = 0
     probe_l2: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)
+
+
+QUICK_RECIPE = Recipe(steps=60, warmup_steps=6)
+"""A short fine-tune for smoke runs (the evaluation's ``--quick`` variant): a real pair, less
+trained, built in about a minute."""
+
+
+def cache_dir(recipe: Recipe) -> Path:
+    """Where the pair of ``recipe`` is cached: ``task.default_pair_dir()`` for the default
+    recipe, else a folder beside it named by the recipe's digest (so pairs never evict each
+    other)."""
+    default = task.default_pair_dir()
+    if recipe == Recipe():
+        return default
+    digest = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()
+    return default.with_name(f"{default.name}-{digest[:12]}")
 
 
 def provenance(recipe: Recipe) -> dict[str, Any]:

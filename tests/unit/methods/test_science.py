@@ -15,7 +15,7 @@ from compressor_svc.methods import (
     relative_activation_error,
     relative_weight_error,
 )
-from compressor_svc.methods.adamix import AdamixConfig, compress_model, error_table
+from compressor_svc.methods.adamix import AdamixConfig, compress_model, error_table, pair_widths
 from compressor_svc.methods.base import Target
 from compressor_svc.methods.bit_allocation import allocate_bits
 from compressor_svc.methods.deltacome import DeltaCoMeConfig, rank_buckets
@@ -117,3 +117,16 @@ def test_model_wide_budget_is_shared(gram: Tensor) -> None:
     assert total <= bit_budget((128 * 256 + 64 * 256,), 16.0)
     assert 16 * (128 * 256 + 64 * 256) / total <= 1.1 * 16
     assert out["a"].nbits > out["b"].nbits  # the larger-norm matrix draws more bits
+
+
+def test_adamix_pair_widths_are_what_compress_stores(delta: Tensor, gram: Tensor) -> None:
+    widths = pair_widths(delta, 16.0, gram)
+    encoded = compress(delta, "adamix", ratio=16.0, gram=gram)
+    assert len(widths) == min(delta.shape)
+    stored = {
+        int(p.name[1:].split(".")[0]): p.shape[0]
+        for p in encoded.parts
+        if p.name.startswith("v") and p.name.endswith(".codes")
+    }
+    assert stored == {b: widths.count(b) for b in set(widths) if b}
+    assert widths[0] == max(widths)  # the largest singular value is never starved
