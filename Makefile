@@ -4,14 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint protos bench-store bench-load clean
+.PHONY: install demo test lint eval protos bench-store bench-load clean
 
 # Torch first, pinned exactly: its local CPU wheel. An unpinned resolve pulls a CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,models]'
+	$(PY) -m pip install --quiet -e '.[dev,models,eval]'
 	touch $@
 
 install: $(STAMP)
@@ -21,6 +21,11 @@ demo: install
 
 test: install lint
 	$(PY) -m pytest
+
+# docs/evaluation.md and its plots, every number measured by this run (~30 min on 2 cores);
+# EVAL_ARGS="--quick" for the small variant CI runs.
+eval: install
+	$(PY) -m tests.eval --out docs $(EVAL_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
