@@ -36,7 +36,7 @@ class Settings:
     groups: tuple[int, ...]
 
 
-FULL = Settings((16.0, 128.0), (16.0, 128.0), tuple(2**i for i in range(3, 11)))
+FULL = Settings((16.0, 128.0), (16.0, 128.0), (8, 32, 128, 512))
 QUICK = Settings((64.0,), (64.0,), (16, 64, 256))
 
 
