@@ -109,7 +109,7 @@ def run(plan: Plan, out: Path, command: str) -> Path:
     storage_section = storage.section(pair_dir, figures, quick=plan.quick)
     progress(storage_section)
     sections = [
-        choose.section(results),
+        choose.section(results, storage_section.data),
         quality_section,
         allocation_section,
         storage_section,

@@ -7,14 +7,16 @@ rebuilt model drifts, and what it costs in time all come from the sweep's rows.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from statistics import median
+from typing import Any
 
 from tests.eval import sweep
 from tests.eval.quality import LABELS, Results
 from tests.eval.report import Section, table
 
 RECOVERY_BARS = (0.95, 0.9)
+MiB = 1 << 20
 
 
 def ratio_class(row: sweep.Row) -> int:
@@ -83,7 +85,28 @@ def accuracy_note(results: Results) -> str:
     )
 
 
-def section(results: Results) -> Section:
+def storage_notes(storage: Mapping[str, Any]) -> list[str]:
+    """What the store section's numbers mean for deploying: families and memory."""
+    totals, models = storage["dedup"]["totals"][-1], storage["dedup"]["models"]
+    children = models[1:]
+    child_mib = sum(m["new_chunk_bytes"] for m in children) / len(children) / MiB
+    largest = storage["memory"]["largest"][-1]
+    slopes = storage["memory_slopes"]
+    return [
+        f"- **Keep a family of fine-tunes in one store.** {totals['models']} related models "
+        f"took {totals['deduplicated'] / MiB:.2f} MiB deduplicated against "
+        f"{totals['without_dedup'] / MiB:.2f} MiB stored separately "
+        f"({totals['without_dedup'] / totals['deduplicated']:.1f}x less); a child that "
+        f"retrained one layer added {child_mib:.2f} MiB next to the parent's "
+        f"{models[0]['new_chunk_bytes'] / MiB:.2f} MiB.",
+        f"- **Size the compressor by its largest tensor, not the model.** Its peak grew by "
+        f"{slopes['many']:.2f} MiB per MiB of model as tensors were added, and by "
+        f"{slopes['largest']:.1f} MiB per MiB as one tensor grew (a {largest['tensor_mib']} "
+        f"MiB tensor peaked at {largest['peak_mib']:.0f} MiB with {storage['method']}).",
+    ]
+
+
+def section(results: Results, storage: Mapping[str, Any]) -> Section:
     body = "\n".join(
         [
             "From this run's numbers on the MiniLM pair (one small encoder: check the ordering "
@@ -91,14 +114,17 @@ def section(results: Results) -> Section:
             "",
             *leaders(results),
             accuracy_note(results),
+            *storage_notes(storage),
             "",
             reach_table(results),
         ]
     )
-    data = {
-        "leaders": {
-            str(ratio): max(rows, key=lambda r: r.metrics["recovery"]).method
-            for ratio, rows in by_class(results.rows).items()
-        }
+    return Section("What to choose", body, {"leaders": leading_methods(results)})
+
+
+def leading_methods(results: Results) -> dict[str, str]:
+    """Ratio class -> the method with the best recovery there."""
+    return {
+        str(ratio): max(rows, key=lambda r: r.metrics["recovery"]).method
+        for ratio, rows in by_class(results.rows).items()
     }
-    return Section("What to choose", body, data)

@@ -14,7 +14,6 @@ import clients.runtime_defaults  # noqa: F401  (first: before torch loads)
 
 import dataclasses
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,8 +241,3 @@ def section(pair: sweep.Pair, figures: Figures, settings: Sweep) -> tuple[Sectio
     }
     seconds = time.perf_counter() - start
     return Section("Quality against compression", body, data, seconds), results
-
-
-def best(rows: Sequence[sweep.Row], key: str, *, high: bool = True) -> sweep.Row:
-    """The row with the highest (or lowest) metric ``key``."""
-    return (max if high else min)(rows, key=lambda r: r.metrics[key])

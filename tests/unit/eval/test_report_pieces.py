@@ -72,7 +72,7 @@ def test_leaders_group_bitdelta_with_the_nearest_round_ratio() -> None:
     assert lines[0].startswith("- **~16x**: ADAMIX")
     assert "next BitDelta, 0.800" in lines[0]
     assert "lowest KL: BitDelta, 0.0020" in lines[0]
-    assert choose.section(found).data["leaders"] == {"16": "adamix", "64": "dare"}
+    assert choose.leading_methods(found) == {"16": "adamix", "64": "dare"}
 
 
 def test_reach_table_takes_the_highest_ratio_clearing_each_bar() -> None:
@@ -82,3 +82,23 @@ def test_reach_table_takes_the_highest_ratio_clearing_each_bar() -> None:
     lines = choose.reach_table(found).splitlines()
     assert lines[2] == "| DARE | not reached | not reached | 1.0 |"
     assert lines[3] == "| ADAMIX + U error (ours) | 8.0x | 32.0x | 3.0 |"
+
+
+def test_storage_notes_read_the_store_section() -> None:
+    mib = 1 << 20
+    storage = {
+        "method": "bitdelta",
+        "dedup": {
+            "totals": [{"models": 3, "deduplicated": 6 * mib, "without_dedup": 18 * mib}],
+            "models": [{"new_chunk_bytes": 5 * mib}, *[{"new_chunk_bytes": mib // 2}] * 2],
+        },
+        "memory": {"largest": [{"tensor_mib": 32, "peak_mib": 700.0}]},
+        "memory_slopes": {"many": 0.5, "largest": 13.8},
+    }
+    family, memory = choose.storage_notes(storage)
+    assert "3 related models took 6.00 MiB deduplicated against 18.00 MiB" in family
+    assert "(3.0x less)" in family
+    assert "added 0.50 MiB next to the parent's 5.00 MiB" in family
+    assert "0.50 MiB per MiB" in memory
+    assert "13.8 MiB per MiB" in memory
+    assert "a 32 MiB tensor peaked at 700 MiB with bitdelta" in memory
