@@ -66,7 +66,7 @@ def pair_line(pair_dir: Path, info: dict[str, Any]) -> str:
     recipe, model, data = source["recipe"], source["model"], source["data"]
     return (
         f"{model['model']} ({model['package']} {model['version']}) as the base; the "
-        f"fine-tune trains every weight on {data['corpus']} headline topics "
+        f"fine-tune trains every weight to classify the topics of {data['corpus']} "
         f"({data['package']} {data['version']}) for {recipe['steps']} steps of "
         f"{recipe['batch_size']}, seed {recipe['seed']} (`tests/models/finetune_pair.py`, "
         f"cached in `{pair_dir}`). It is the one real base/fine-tuned pair this machine "

@@ -577,9 +577,9 @@ def section(pair_dir: Path, figures: Figures, *, quick: bool) -> Section:
 
 def intro(machine: dict[str, Any], seconds: dict[str, float]) -> str:
     return (
-        f"Measured on this machine: {machine['cpus']} CPU cores, shared with other jobs "
+        f"Measured on this machine: {machine['cpus']} CPU cores "
         f"(1-minute load average {machine['load_before']:.2f} at the start, "
-        f"{machine['load_after']:.2f} at the end; times and rates move with it), "
+        f"{machine['load_after']:.2f} at the end; times and rates move with load), "
         f"{sum(seconds.values()):.0f} s in all. Every server is a real process "
         "on 127.0.0.1, started for this run and stopped at its end."
     )
