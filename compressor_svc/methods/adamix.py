@@ -174,16 +174,18 @@ def allocate(
     return table, choice
 
 
-def pair_widths(
+def compress_with_widths(
     delta: Tensor, ratio: float, gram: Tensor | None = None, **options: Any
-) -> list[int]:
-    """The bits ADAMIX gives each singular-vector pair of ``delta`` at ``ratio``, in SVD order
-    (largest singular value first; 0: the pair is dropped): what ``compress`` stores."""
+) -> tuple[EncodedTensor, list[int]]:
+    """``compress(delta, "adamix", ratio=ratio, gram=gram, **options)`` and the bits it gave
+    each singular-vector pair, in SVD order (largest singular value first; 0: dropped)."""
     method = get_method(Adamix.name)
     config: AdamixConfig = method.make_config(options)
     check_ratio(method, ratio)
-    _, choice = allocate(make_target(delta, ratio, gram), config)
-    return [config.widths[int(j)] for j in choice]
+    target = make_target(delta, ratio, gram)
+    table, choice = allocate(target, config)
+    widths = [config.widths[int(j)] for j in choice]
+    return encode_choice(target, table, choice, config), widths
 
 
 @register_method

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for method in args.methods:
         for target in targets(method) or args.ratios:
             try:
-                row = measure(pair, method, target)
+                row, _ = measure(pair, method, target)
             except ValueError as exc:
                 print(f"| {method} | {target:g}x | unreachable: {str(exc)[:60]} |", flush=True)
                 continue

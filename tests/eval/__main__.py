@@ -103,7 +103,7 @@ def run(plan: Plan, out: Path, command: str) -> Path:
     pair = sweep.load_pair(pair_dir, plan.layers)
     quality_section, results = quality.section(pair, figures, plan.sweep)
     progress(quality_section)
-    allocation_section = allocation.section(pair, figures, plan.allocation)
+    allocation_section = allocation.section(pair, figures, plan.allocation, results.widths)
     progress(allocation_section)
     del pair
     storage_section = storage.section(pair_dir, figures, quick=plan.quick)

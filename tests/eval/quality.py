@@ -60,6 +60,8 @@ class Results:
     rows: list[sweep.Row]
     unreachable: list[dict[str, Any]]
     references: dict[str, dict[str, float]]
+    widths: dict[float, sweep.Widths] = dataclasses.field(default_factory=dict)
+    """Target ratio -> ADAMIX's (ours, per matrix) widths at it."""
 
     def of(self, method: str) -> list[sweep.Row]:
         return [row for row in self.rows if row.method == method]
@@ -69,18 +71,23 @@ def run(pair: sweep.Pair, settings: Sweep) -> Results:
     """Measure every (method, ratio) of ``settings``; a ratio a method cannot reach is noted."""
     rows: list[sweep.Row] = []
     unreachable: list[dict[str, Any]] = []
+    widths: dict[float, sweep.Widths] = {}
     for method in settings.methods:
         for target in sweep.targets(method) or settings.ratios:
             try:
-                rows.append(sweep.measure(pair, method, target))
+                row, chosen = sweep.measure(pair, method, target)
             except ValueError as exc:
                 unreachable.append({"method": method, "target": target, "why": str(exc)})
+                continue
+            rows.append(row)
+            if method == "adamix":
+                widths[target] = chosen
     references = {
         "base": sweep.task_metrics(pair, sweep.logits(pair.base, pair.test)),
         "deltas dropped": sweep.task_metrics(pair, pair.dropped_logits),
         "fine-tuned": sweep.task_metrics(pair, pair.finetuned_logits),
     }
-    return Results(rows, unreachable, references)
+    return Results(rows, unreachable, references, widths)
 
 
 def quality_table(results: Results) -> str:

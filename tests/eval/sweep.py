@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from compressor_svc.methods import compress, deltadq, paper_ratio
+from compressor_svc.methods import adamix, compress, deltadq, paper_ratio
 from kernels.reference import EncodedTensor, decode
 from tests.models import task
 
@@ -218,18 +218,31 @@ def attention_probe(pair: Pair) -> deltadq.ModelProbe:
     return probe
 
 
+Widths = dict[str, list[int]]
+"""Per matrix, the bits ADAMIX gave each singular-vector pair (SVD order, 0: dropped)."""
+
+
 def encode_all(
     pair: Pair, row_name: str, target: float, **options: object
-) -> dict[str, EncodedTensor]:
-    """Every targeted delta compressed as ``row_name`` prescribes (plus ``options``)."""
+) -> tuple[dict[str, EncodedTensor], Widths]:
+    """Every targeted delta compressed as ``row_name`` prescribes (plus ``options``), and for
+    per-matrix ADAMIX rows the widths chosen (else empty)."""
     if row_name in MODEL_WIDE:
         probe = attention_probe(pair)
-        return deltadq.compress_model(pair.deltas, target, pair.grams, probe=probe, **options)
+        found = deltadq.compress_model(pair.deltas, target, pair.grams, probe=probe, **options)
+        return found, {}
     method, preset = VARIANTS.get(row_name, (row_name, {}))
-    return {
+    if method == "adamix":
+        pairs = {
+            n: adamix.compress_with_widths(d, target, pair.grams[n], **preset, **options)
+            for n, d in pair.deltas.items()
+        }
+        return {n: e for n, (e, _) in pairs.items()}, {n: w for n, (_, w) in pairs.items()}
+    encoded = {
         n: compress(d, method, ratio=target, gram=pair.grams[n], **preset, **options)
         for n, d in pair.deltas.items()
     }
+    return encoded, {}
 
 
 def score(
@@ -261,8 +274,9 @@ def score(
     )
 
 
-def measure(pair: Pair, row_name: str, target: float) -> Row:
-    """Compress every targeted delta; ``ValueError`` if the method cannot reach ``target``."""
+def measure(pair: Pair, row_name: str, target: float) -> tuple[Row, Widths]:
+    """Compress every targeted delta and score it; ``ValueError`` if the method cannot reach
+    ``target``. The widths are ADAMIX's choice (empty for other methods)."""
     start = time.perf_counter()
-    encoded = encode_all(pair, row_name, target)
-    return score(pair, row_name, target, encoded, time.perf_counter() - start)
+    encoded, widths = encode_all(pair, row_name, target)
+    return score(pair, row_name, target, encoded, time.perf_counter() - start), widths

@@ -15,7 +15,12 @@ from compressor_svc.methods import (
     relative_activation_error,
     relative_weight_error,
 )
-from compressor_svc.methods.adamix import AdamixConfig, compress_model, error_table, pair_widths
+from compressor_svc.methods.adamix import (
+    AdamixConfig,
+    compress_model,
+    compress_with_widths,
+    error_table,
+)
 from compressor_svc.methods.base import Target
 from compressor_svc.methods.bit_allocation import allocate_bits
 from compressor_svc.methods.deltacome import DeltaCoMeConfig, rank_buckets
@@ -119,9 +124,9 @@ def test_model_wide_budget_is_shared(gram: Tensor) -> None:
     assert out["a"].nbits > out["b"].nbits  # the larger-norm matrix draws more bits
 
 
-def test_adamix_pair_widths_are_what_compress_stores(delta: Tensor, gram: Tensor) -> None:
-    widths = pair_widths(delta, 16.0, gram)
-    encoded = compress(delta, "adamix", ratio=16.0, gram=gram)
+def test_adamix_widths_are_what_compress_stores(delta: Tensor, gram: Tensor) -> None:
+    encoded, widths = compress_with_widths(delta, 16.0, gram)
+    assert encoded.to_bytes() == compress(delta, "adamix", ratio=16.0, gram=gram).to_bytes()
     assert len(widths) == min(delta.shape)
     stored = {
         int(p.name[1:].split(".")[0]): p.shape[0]
