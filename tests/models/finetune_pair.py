@@ -264,6 +264,17 @@ def split_metrics(
     }
 
 
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Torch's deterministic algorithms on for the block, the previous setting restored."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def build_pair(out: Path, recipe: Recipe) -> dict[str, Any]:
     """Fit the base probe, fine-tune, evaluate and write the pair; pair.json's contents."""
     print(f"building the pair in {out} (probe, fine-tune, evaluation)", file=sys.stderr)
@@ -275,12 +286,8 @@ def build_pair(out: Path, recipe: Recipe) -> dict[str, Any]:
     base = task.Classifier(encoder, probe).eval()
     finetuned = copy.deepcopy(base)
     started = time.perf_counter()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         losses = fine_tune(finetuned, tokenizer, recipe)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - started
     pair = {
         "provenance": provenance(recipe),

@@ -103,12 +103,8 @@ def build_child(pair_dir: Path, out: Path, recipe: finetune_pair.Recipe) -> None
     torch.manual_seed(recipe.seed)
     classifier, tokenizer = task.open_classifier(pair_dir / PARENT)
     trainable = freeze_all_but(classifier, trained_prefixes(pair_dir / PARENT))
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with finetune_pair.deterministic_algorithms():
         losses = train_child(classifier, tokenizer, recipe)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
     staging = out.with_name(f"{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     finetune_pair.save_model(classifier, tokenizer, staging)
