@@ -162,8 +162,9 @@ def group_scores(pair: sweep.Pair, ratio: float, groups: tuple[int, ...]) -> lis
         except ValueError as exc:
             scores.append({"group": g, "unreachable": str(exc)})
             continue
-        row = sweep.score(pair, "deltadq", ratio, encoded, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         approx = {n: decode(e) for n, e in encoded.items()}
+        row = sweep.score(pair, "deltadq", ratio, encoded, seconds, approx=approx)
         scores.append(
             {
                 "group": g,

@@ -14,6 +14,7 @@ import clients.runtime_defaults  # noqa: F401  (first: before torch loads)
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +129,7 @@ def quality_table(results: Results) -> str:
     return table(header, lines, [False, *[True] * (len(header) - 1)])
 
 
-def metric_cells(metrics: dict[str, float] | Any) -> list[str]:
+def metric_cells(metrics: Mapping[str, float]) -> list[str]:
     return [
         f"{metrics['accuracy']:.3f}",
         f"{metrics['macro_f1']:.3f}",

@@ -246,10 +246,17 @@ def encode_all(
 
 
 def score(
-    pair: Pair, row_name: str, target: float, encoded: Mapping[str, EncodedTensor], seconds: float
+    pair: Pair,
+    row_name: str,
+    target: float,
+    encoded: Mapping[str, EncodedTensor],
+    seconds: float,
+    *,
+    approx: Mapping[str, Tensor] | None = None,
 ) -> Row:
-    """The row of ``encoded``: ratios, errors overall and per layer type, test metrics."""
-    approx = {n: decode(e) for n, e in encoded.items()}
+    """The row of ``encoded``: ratios, errors overall and per layer type, test metrics.
+    ``approx``: the encodings already decoded, if the caller has them."""
+    approx = approx or {n: decode(e) for n, e in encoded.items()}
     by_type: dict[str, Errors] = {}
     for name, delta in pair.deltas.items():
         kind = layer_type(name)
