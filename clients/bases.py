@@ -13,10 +13,12 @@ two bases sharing tensors, stores each tensor once.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import blake3
 import grpc
 import torch
 from torch import Tensor
@@ -27,7 +29,7 @@ from clients.errors import PreconditionError
 from clients.safetensors_io import SAFETENSORS_DTYPES, CheckpointError, TensorInfo
 from clients.side_files import write_files
 from clients.store_client import StoreClient
-from store_svc.digest import Algorithm
+from store_svc.digest import Algorithm, Digest
 
 SNAPSHOT = common_pb2.STORAGE_KIND_SNAPSHOT
 SNAPSHOT_METHOD = "snapshot"
@@ -66,7 +68,7 @@ def upload_snapshot(
         dtype=dtype,
         shape=list(tensor.shape),
         nbits=len(data) * 8,
-        byte_length=len(data),
+        byte_length=sum(chunk.size for chunk in chunks),
         chunks=chunks,
     )
     return UploadedTensor(entry, len(data), stats.bytes_sent)
@@ -127,12 +129,57 @@ class StoredBase:
             ) from None
 
 
-def check_same_base(delta: common_pb2.Manifest, base: StoredBase, delta_label: str) -> None:
-    """FAILED_PRECONDITION unless ``delta`` was made against ``base`` (as far as both
-    record their base)."""
-    if delta.base_fingerprint and base.fingerprint and delta.base_fingerprint != base.fingerprint:
+class BaseWeights(Protocol):
+    """A base's tensors: a local checkpoint or a registered base."""
+
+    def names(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def get(self, name: str) -> Tensor: ...
+
+
+WEIGHTS_FINGERPRINT = "weights:"
+LAYOUT_FINGERPRINT = "layout:"
+
+
+def fingerprint(weights: BaseWeights) -> str:
+    """A base's identity: BLAKE3 over every tensor's name, dtype, shape and bytes, in name
+    order (one tensor read at a time). Two checkpoints of one architecture differ."""
+    outer = blake3.blake3()
+    for name in sorted(weights.names()):
+        info = weights.info(name)
+        outer.update(json.dumps([name, info.dtype, list(info.shape)]).encode() + b"\n")
+        outer.update(Digest.of(tensor_bytes(weights.get(name))).value)
+    return WEIGHTS_FINGERPRINT + outer.hexdigest()[:32]
+
+
+def layout_fingerprint(weights: BaseWeights) -> str:
+    """The identity deltas made before content fingerprints record: names, shapes and
+    dtypes only."""
+    listing = [(n, list(weights.info(n).shape), weights.info(n).dtype) for n in weights.names()]
+    blob = json.dumps(sorted(listing), separators=(",", ":")).encode()
+    return LAYOUT_FINGERPRINT + Digest.of(blob).hex[:32]
+
+
+def fingerprint_as(recorded: str, weights: BaseWeights) -> str | None:
+    """``weights``' fingerprint of the kind ``recorded`` is; None for a fingerprint the
+    producer chose itself (nothing here can recompute it)."""
+    if recorded.startswith(WEIGHTS_FINGERPRINT):
+        return fingerprint(weights)
+    if recorded.startswith(LAYOUT_FINGERPRINT):
+        return layout_fingerprint(weights)
+    return None
+
+
+def check_same_base(
+    delta: common_pb2.Manifest, base_fingerprint: str | None, base_label: str, delta_label: str
+) -> None:
+    """FAILED_PRECONDITION unless ``delta`` was made against the base whose fingerprint is
+    ``base_fingerprint`` (as far as both are known), naming both fingerprints."""
+    if delta.base_fingerprint and base_fingerprint and delta.base_fingerprint != base_fingerprint:
         raise PreconditionError(
-            f"{delta_label} was made against base {delta.base_fingerprint}; the registered "
-            f"base {base.label} is {base.fingerprint}",
+            f"{delta_label} was made against base {delta.base_fingerprint}; the base "
+            f"{base_label} is {base_fingerprint}: refusing to apply it to another base",
             grpc.StatusCode.FAILED_PRECONDITION,
         )

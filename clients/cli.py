@@ -5,11 +5,15 @@
     deltavault reconstruct NAME (--base BASE | --base-ref REF) --out DIR
     deltavault register-base BASE --ref REF
     deltavault plan BASE FINETUNED [--methods ...] [--ratios ...]
-    deltavault ls [PREFIX] | rm NAME | gc [--dry-run] | verify [NAME]
+    deltavault ls [PREFIX] | rm NAME | gc [--dry-run] | verify [NAME] [--trusted-keys DIR]
+    deltavault keys generate|new-kek|init|rotate|sign ...
 
 Client subcommands take ``--store HOST:PORT`` and ``--compressor HOST:PORT`` (or env
 DELTAVAULT_STORE / DELTAVAULT_COMPRESSOR); ``--json`` prints one JSON document on stdout.
-Progress goes to stderr.
+Progress goes to stderr. Trust flags (each also from its env variable): ``--kek FILE``
+opens sealed manifests and with ``--keyring FILE`` seals what is written;
+``--signing-key FILE`` signs what is committed; ``--trusted-keys DIR`` refuses manifests
+not signed by one of its keys.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import clients.runtime_defaults  # noqa: F401  (first: before torch loads)
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,8 +36,18 @@ import grpc
 from tqdm import tqdm
 
 from clients.errors import DeltaVaultError
+from clients.key_files import read_key_file, write_key_file
 from clients.safetensors_io import CheckpointError
 from clients.sdk import CompressReport, DeltaVault, ModelPair, TensorReport
+from clients.sealing import (
+    SealingKeys,
+    kek_id,
+    load_keyring,
+    new_keyring,
+    rewrap,
+    save_keyring,
+)
+from store_svc.signatures import Signer, TrustedKeys, generate_key_pair
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -76,7 +91,24 @@ def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:
 
 
 def _vault(args: argparse.Namespace) -> DeltaVault:
-    return DeltaVault(args.store, args.compressor)
+    keks = args.kek or _env_list("DELTAVAULT_KEK_FILE")
+    keyring = args.keyring or os.environ.get("DELTAVAULT_KEYRING")
+    signing_key = args.signing_key or os.environ.get("DELTAVAULT_SIGNING_KEY")
+    trusted = args.trusted_keys or os.environ.get("DELTAVAULT_TRUSTED_KEYS")
+    if keyring and not keks:
+        raise ValueError("--keyring needs the --kek that opens it")
+    return DeltaVault(
+        args.store,
+        args.compressor,
+        sealing=SealingKeys.from_files(keks, keyring) if keks else None,
+        signer=Signer.from_file(signing_key) if signing_key else None,
+        trusted_keys=TrustedKeys.load(trusted) if trusted else None,
+    )
+
+
+def _env_list(name: str) -> list[str]:
+    """A comma-separated list of paths from the environment (empty when unset)."""
+    return [item for item in os.environ.get(name, "").split(",") if item]
 
 
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -244,16 +276,115 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """The store re-hashes what it holds; with a ref, this client then checks the manifest
+    itself (its signature with --trusted-keys) and fetches and checks every chunk."""
     with _vault(args) as vault:
+        if vault.trusted_keys is not None and args.ref is None:
+            raise ValueError("--trusted-keys checks one manifest: name its ref")
         report = vault.verify(args.ref)
+        if args.ref is not None and not report["damaged"]:
+            report["client"] = vault.check(args.ref)
 
     def text() -> str:
         head = f"checked {report['chunks_checked']} chunks, {report['bytes_checked']:,} bytes"
         damage = [f"DAMAGED {d['key']}: {d['problem']}" for d in report["damaged"]]
-        return "\n".join([head, *damage] if damage else [head, "no damage"])
+        lines = [head, *damage] if damage else [head, "no damage"]
+        client = report.get("client")
+        if client:
+            signer = f"signed by {client['signed_by']}" if client["signed_by"] else "unchecked"
+            sealed = ", sealed" if client["sealed"] else ""
+            lines.append(
+                f"fetched and checked here: {client['chunks']} chunks, {client['bytes']:,} "
+                f"bytes{sealed}; signature {signer}"
+            )
+        return "\n".join(lines)
 
     _emit(args, report, text)
     return EXIT_DAMAGED if report["damaged"] else EXIT_OK
+
+
+# --- keys ----------------------------------------------------------------------------
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    private, public, key_id = generate_key_pair(args.out, args.name)
+    data = {"key_id": key_id, "private": str(private), "public": str(public)}
+    _emit(args, data, lambda: f"{key_id}: {private} (keep secret), {public} (share)")
+    return EXIT_OK
+
+
+def cmd_keys_new_kek(args: argparse.Namespace) -> int:
+    key = write_key_file(args.file)
+    _emit(args, {"kek_id": kek_id(key), "file": str(args.file)}, lambda: kek_id(key))
+    return EXIT_OK
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    record, _ = new_keyring(read_key_file(args.kek))
+    save_keyring(args.keyring, record, replace=False)
+    data = {"data_key_id": record.data_key_id, "keyring": str(args.keyring)}
+    _emit(args, data, lambda: f"{record.data_key_id} -> {args.keyring}")
+    return EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """Re-wrap the keyring and every sealed manifest under the prefix for the new KEK."""
+    new_kek = read_key_file(args.new_kek)
+    with _vault(args) as vault:
+        if vault.sealing is None:
+            raise ValueError("rotation needs --kek: the KEK the data key is wrapped for now")
+        rotated = vault.rotate(new_kek, prefix=args.prefix, keep_old=args.keep_old)
+        if args.keyring:
+            record = rewrap(
+                load_keyring(args.keyring), vault.sealing.keks, new_kek, keep_old=args.keep_old
+            )
+            save_keyring(args.keyring, record, replace=True)
+    rows = [asdict(r) for r in rotated]
+    _emit(
+        args,
+        rows,
+        lambda: (
+            "\n".join([f"{r.ref}: {r.previous} -> {r.manifest}" for r in rotated])
+            or "no sealed manifest under the prefix"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_keys_sign(args: argparse.Namespace) -> int:
+    with _vault(args) as vault:
+        key_id = vault.sign(args.ref)
+    _emit(args, {"ref": args.ref, "key_id": key_id}, lambda: f"{args.ref} signed by {key_id}")
+    return EXIT_OK
+
+
+def _keys_parser(sub: Any) -> list[argparse.ArgumentParser]:
+    keys = sub.add_parser("keys", help="signing keys, KEKs, keyrings: create, rotate, sign")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    generate = actions.add_parser("generate", help="a new Ed25519 signing key pair")
+    generate.add_argument("--out", type=Path, required=True, help="folder for NAME.key/.pub")
+    generate.add_argument("--name", required=True)
+    generate.set_defaults(func=cmd_keys_generate)
+    kek = actions.add_parser("new-kek", help="a new random key-encryption key file (0600)")
+    kek.add_argument("file", type=Path)
+    kek.set_defaults(func=cmd_keys_new_kek)
+    init = actions.add_parser("init", help="a new data key, wrapped by --kek, as a keyring")
+    init.add_argument("--kek", type=Path, required=True)
+    init.add_argument("--keyring", type=Path, required=True, help="keyring file to create")
+    init.set_defaults(func=cmd_keys_init)
+    rotate = actions.add_parser(
+        "rotate", help="re-wrap data keys for a new KEK: the keyring and sealed manifests"
+    )
+    rotate.add_argument("--new-kek", type=Path, required=True)
+    rotate.add_argument("--prefix", default="", help="refs to rotate (default: all)")
+    rotate.add_argument("--keep-old", action="store_true", help="keep the old KEK's wrappings")
+    rotate.set_defaults(func=cmd_keys_rotate)
+    sign = actions.add_parser("sign", help="add --signing-key's signature to REF's manifest")
+    sign.add_argument("ref")
+    sign.set_defaults(func=cmd_keys_sign)
+    for p in (generate, kek, init):
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    return [rotate, sign]
 
 
 # --- serve ---------------------------------------------------------------------------
@@ -279,6 +410,30 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--kek",
+        type=Path,
+        action="append",
+        default=[],
+        help="key-encryption key file that opens sealed manifests; repeatable "
+        "(env DELTAVAULT_KEK_FILE, comma-separated)",
+    )
+    p.add_argument(
+        "--keyring",
+        type=Path,
+        help="keyring whose data key seals what is written (env DELTAVAULT_KEYRING)",
+    )
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        help="Ed25519 private key that signs committed manifests (env DELTAVAULT_SIGNING_KEY)",
+    )
+    p.add_argument(
+        "--trusted-keys",
+        type=Path,
+        help="folder of *.pub keys: refuse manifests not signed by one "
+        "(env DELTAVAULT_TRUSTED_KEYS)",
+    )
 
 
 def _input_flags(p: argparse.ArgumentParser) -> None:
@@ -356,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("ref", nargs="?", default=None)
     verify.set_defaults(func=cmd_verify)
 
-    for p in (compress, reconstruct, register, plan, ls, rm, gc, verify):
+    for p in (compress, reconstruct, register, plan, ls, rm, gc, verify, *_keys_parser(sub)):
         _client_flags(p)
         p.epilog = EPILOG
     return parser

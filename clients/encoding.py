@@ -237,7 +237,7 @@ def upload_encoded(
             dtype=part.dtype.value,
             shape=list(part.shape),
             nbits=part.nbits,
-            byte_length=len(part.data),
+            byte_length=sum(chunk.size for chunk in chunks),
             chunks=chunks,
         )
     return UploadedTensor(entry, stored, new)

@@ -10,6 +10,12 @@ Scaling out: given several compressor endpoints (a list, or ``all:HOST:PORT`` fo
 address a DNS name has — a Kubernetes headless service), the SDK splits the model's
 tensors across them by size, each compresses its share without a ref, and the SDK commits
 one manifest that names every tensor. Compressors keep no state between calls.
+
+Trust: with ``sealing`` keys every chunk written is sealed client-side and sealed manifests
+are opened with the KEKs given (``clients.sealing``); with ``trusted_keys`` every manifest
+read must carry a valid signature by one of them (``store_svc.signatures``); ``signer``
+signs what this client commits. A rebuild checks the base's content fingerprint against
+the one the delta records, and every chunk of the delta, before it writes a weight.
 """
 
 from __future__ import annotations
@@ -34,12 +40,25 @@ from torch import Tensor, nn
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
-from clients.bases import StoredBase, check_same_base, is_base, upload_snapshot
+from clients.bases import (
+    StoredBase,
+    check_same_base,
+    fingerprint,
+    fingerprint_as,
+    is_base,
+    upload_snapshot,
+)
 from clients.calibration import GramSet
 from clients.channel import Closing
 from clients.compressor_client import DEFAULT_FRAME_BYTES, CompressorClient
 from clients.encoding import WIRE_DTYPES, RoleTensor, decode_entry, rebuild_tensor
-from clients.errors import ConflictError, NotFoundError, ResourceExhaustedError
+from clients.errors import (
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+    ResourceExhaustedError,
+)
 from clients.lora import PEFT_PREFIX, LoraAdapter, resolve_names
 from clients.safetensors_io import (
     Checkpoint,
@@ -49,10 +68,19 @@ from clients.safetensors_io import (
     TensorSpec,
     torch_dtype,
 )
+from clients.sealing import ChunkSealer, SealingError, SealingKeys, rewrap
 from clients.side_files import upload_files, write_files
-from clients.store_client import StoreClient
+from clients.store_client import SignedManifest, StoreClient
 from store_svc.digest import Digest
 from store_svc.manifests import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
+from store_svc.manifests import chunk_refs
+from store_svc.signatures import (
+    SignatureError,
+    Signer,
+    TrustedKeys,
+    require_trusted_signature,
+    trusted_signers,
+)
 
 DEFAULT_STORE = "127.0.0.1:50061"
 DEFAULT_COMPRESSOR = "127.0.0.1:50062"
@@ -161,6 +189,15 @@ class BaseReport:
     fingerprint: str
     """The identity deltas made against this base record."""
     seconds: float
+
+
+@dataclass(frozen=True)
+class Rotated:
+    """One ref moved to its manifest re-wrapped for a new KEK."""
+
+    ref: str
+    previous: str
+    manifest: str
 
 
 @dataclass(frozen=True)
@@ -309,6 +346,22 @@ def split_by_size(sizes: Mapping[str, int], parts: int) -> list[list[str]]:
 # --- the facade --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OpenedManifest:
+    """A manifest read for use: checked against its digest (and signature, when the
+    client trusts keys), with the store view that opens its chunks."""
+
+    ref: str
+    signed: SignedManifest
+    store: StoreClient
+    signer: str | None
+    """Key id of the trusted signer that was checked; None when no keys are trusted."""
+
+    @property
+    def manifest(self) -> common_pb2.Manifest:
+        return self.signed.manifest
+
+
 class DeltaVault(Closing):
     """The store and one or more compressors, by address (defaults: env DELTAVAULT_STORE
     and DELTAVAULT_COMPRESSOR, then the ports ``deltavault serve`` uses)."""
@@ -319,11 +372,15 @@ class DeltaVault(Closing):
         compressor: str | Sequence[str] | None = None,
         *,
         frame_bytes: int = DEFAULT_FRAME_BYTES,
+        sealing: SealingKeys | None = None,
+        signer: Signer | None = None,
+        trusted_keys: TrustedKeys | None = None,
     ) -> None:
         self.store_address = store or os.environ.get(ENV_STORE, DEFAULT_STORE)
         self._compressor_spec = compressor or os.environ.get(ENV_COMPRESSOR, DEFAULT_COMPRESSOR)
         self._frame_bytes = frame_bytes
         self.store = StoreClient(self.store_address)
+        self.sealing, self.signer, self.trusted_keys = sealing, signer, trusted_keys
 
     def close(self) -> None:
         self.store.close()
@@ -360,8 +417,12 @@ class DeltaVault(Closing):
         """
         pair = ModelPair.open(base, finetuned, calibration)
         side_files = [] if isinstance(pair.finetuned, LoraAdapter) else pair.finetuned.side_files()
+        sealing, data_key = self._data_key()
+        writer = self.store.sealed(ChunkSealer(data_key) if data_key else None)
         header = compressor_pb2.CompressHeader(
-            files=upload_files(self.store, side_files),
+            sealing=sealing,
+            data_key=data_key,
+            files=upload_files(writer, side_files),
             method=method,
             ratio=ratio or 0.0,
             allocation=_scope(allocation),
@@ -375,10 +436,21 @@ class DeltaVault(Closing):
         endpoints = self.compressors()
         sizes = pair.sizes()
         if len(endpoints) == 1:
-            return self._compress_on(endpoints[0], header, pair, list(sizes), progress)
+            report = self._compress_on(endpoints[0], header, pair, list(sizes), progress)
+            if self.signer is not None:
+                self.store.commit_manifest(
+                    self.store.get_manifest(Digest.parse(report.manifest)), signer=self.signer
+                )
+            return report
         if header.allocation == compressor_pb2.ALLOCATION_SCOPE_MODEL:
             raise ValueError("model-wide allocation needs every matrix on one compressor")
         return self._fan_out(endpoints, header, pair, sizes, progress)
+
+    def _data_key(self) -> tuple[common_pb2.ChunkSealing | None, bytes]:
+        """The keyring's record and data key when this client seals; else (None, b"")."""
+        if self.sealing is None:
+            return None, b""
+        return self.sealing.for_writing()
 
     def _compress_on(
         self,
@@ -452,7 +524,9 @@ class DeltaVault(Closing):
             ]
             reports = [job.result() for job in jobs]
         merged = self._merge([Digest.parse(r.manifest) for r in reports], list(sizes))
-        info = self.store.commit_manifest(merged, ref=header.ref, force=header.force_ref)
+        info = self.store.commit_manifest(
+            merged, ref=header.ref, force=header.force_ref, signer=self.signer
+        )
         tensors = [t for r in reports for t in r.tensors]
         numel, nbits = sum(t.numel for t in tensors), sum(t.nbits for t in tensors)
         lossy = [t for t in tensors if t.kind == "compressed"]
@@ -511,22 +585,81 @@ class DeltaVault(Closing):
 
     # --- read back -----------------------------------------------------------------------
 
+    def open(self, ref: str) -> OpenedManifest:
+        """The manifest ``ref`` points at (a delta's or a registered base's), checked: its
+        bytes against its digest, its signature against the trusted keys (if any), and the
+        KEKs against its sealing (``PreconditionError`` if it is sealed and none opens it)."""
+        signed = self.store.get_signed_manifest(self.store.resolve_ref(ref))
+        signer = self._check_provenance(ref, signed)
+        return OpenedManifest(ref, signed, self._opening(ref, signed.manifest), signer)
+
+    def _check_provenance(self, ref: str, signed: SignedManifest) -> str | None:
+        """The trusted signer's key id; ``PermissionDeniedError`` for a missing, bad or
+        untrusted signature. None when this client trusts no keys."""
+        if self.trusted_keys is None:
+            return None
+        try:
+            return require_trusted_signature(signed.signatures, signed.digest, self.trusted_keys)
+        except SignatureError as exc:
+            raise PermissionDeniedError(
+                f"refusing {ref}: {exc}", grpc.StatusCode.PERMISSION_DENIED
+            ) from None
+
+    def _opening(self, ref: str, manifest: common_pb2.Manifest) -> StoreClient:
+        """The store view that reads ``manifest``'s chunks: opening them if it is sealed."""
+        if not manifest.HasField("sealing"):
+            return self.store
+        if self.sealing is None:
+            wanted = ", ".join(w.kek_id for w in manifest.sealing.wrapped_keys)
+            raise PreconditionError(
+                f"{ref} is sealed (data key {manifest.sealing.data_key_id}, wrapped for "
+                f"{wanted}): give a KEK that opens it",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        try:
+            return self.store.sealed(self.sealing.sealer_for(manifest))
+        except SealingError as exc:
+            raise PreconditionError(f"{ref}: {exc}", grpc.StatusCode.FAILED_PRECONDITION) from None
+
     def manifest(self, ref: str) -> common_pb2.Manifest:
-        """The manifest ``ref`` points at: a delta's or a registered base's."""
-        return self.store.get_manifest(self.store.resolve_ref(ref))
+        """The manifest ``ref`` points at: a delta's or a registered base's, checked as
+        :meth:`open` checks it."""
+        return self.open(ref).manifest
+
+    def open_delta(self, ref: str) -> OpenedManifest:
+        """:meth:`open` for a delta; ValueError if ``ref`` is a registered base."""
+        opened = self.open(ref)
+        if is_base(opened.manifest):
+            raise ValueError(f"{ref} is a registered base, not a delta")
+        return opened
 
     def delta_manifest(self, ref: str) -> common_pb2.Manifest:
         """The manifest of the delta ``ref``; ValueError if it is a registered base."""
-        manifest = self.manifest(ref)
-        if is_base(manifest):
-            raise ValueError(f"{ref} is a registered base, not a delta")
-        return manifest
+        return self.open_delta(ref).manifest
 
     def deltas(self, ref: str) -> Iterator[tuple[str, Tensor]]:
         """(name, fp32 ΔŴ) of every stored non-zero delta, decoded here one at a time."""
-        for entry in self.delta_manifest(ref).tensors:
+        opened = self.open_delta(ref)
+        for entry in opened.manifest.tensors:
             if entry.kind != common_pb2.STORAGE_KIND_ZERO:
-                yield entry.name, decode_entry(self.store, entry)
+                yield entry.name, decode_entry(opened.store, entry)
+
+    def check(self, ref: str) -> dict[str, Any]:
+        """Fetch every chunk of ``ref``'s manifest and check it here (digest, size and, for a
+        sealed manifest, authentication), after the checks of :meth:`open`; nothing is
+        kept. ``DataLossError`` at the first bad chunk."""
+        opened = self.open(ref)
+        refs = list(chunk_refs(opened.manifest))
+        checked = opened.store.check_chunks(refs)
+        return {
+            "ref": ref,
+            "manifest": str(opened.signed.digest),
+            "signed_by": opened.signer or "",
+            "signatures": [s.key_id for s in opened.signed.signatures],
+            "sealed": opened.manifest.HasField("sealing"),
+            "chunks": len(refs),
+            "bytes": checked,
+        }
 
     def reconstruct(
         self,
@@ -542,14 +675,18 @@ class DeltaVault(Closing):
         time. The base is a local checkpoint (``base``) or a registered one (``base_ref``);
         the output is sharded like it, with its side files overlaid by the fine-tune's (the
         delta's, if it stored any). Tensors the delta does not name are the base's,
-        unchanged. Built in ``out.partial``, then renamed."""
-        manifest = self.delta_manifest(ref)
+        unchanged. Before a weight is written the base is checked to be the delta's
+        (FAILED_PRECONDITION naming both fingerprints) and every chunk of the delta is
+        fetched and checked; the result is built in ``out.partial``, then renamed."""
+        opened = self.open_delta(ref)
+        manifest = opened.manifest
         source = self._base_weights(ref, manifest, base, base_ref)
         entries = {entry.name: entry for entry in manifest.tensors}
         missing = [name for name in entries if name not in source]
         if missing:
             where = base_ref or base
             raise CheckpointError(f"the base {where} lacks tensor(s) {missing[:5]} of {ref}")
+        opened.store.check_chunks(chunk_refs(manifest))
         target, staging = Path(out), Path(f"{out}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -559,7 +696,8 @@ class DeltaVault(Closing):
             try:
                 for name in names:
                     tensor = source.get(name)
-                    writer.write(name, rebuild_tensor(self.store, entries.get(name), tensor, dtype))
+                    rebuilt = rebuild_tensor(opened.store, entries.get(name), tensor, dtype)
+                    writer.write(name, rebuilt)
                     if progress is not None:
                         progress(name)
             except BaseException:
@@ -567,7 +705,7 @@ class DeltaVault(Closing):
                 raise
             writer.close()
         source.write_side_files(staging)
-        write_files(self.store, manifest.files, staging)
+        write_files(opened.store, manifest.files, staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         return target
@@ -579,13 +717,18 @@ class DeltaVault(Closing):
         base: Path | str | None,
         base_ref: str | None,
     ) -> Checkpoint | StoredBase:
+        """The base to rebuild on, checked to be the one ``manifest`` was made against."""
         if (base is None) == (base_ref is None):
             raise ValueError("give exactly one of a base checkpoint and a registered base's ref")
         if base_ref is None:
             assert base is not None
-            return Checkpoint(base)
-        stored = StoredBase(self.store, self.manifest(base_ref), base_ref)
-        check_same_base(manifest, stored, ref)
+            checkpoint = Checkpoint(base)
+            local = fingerprint_as(manifest.base_fingerprint, checkpoint)
+            check_same_base(manifest, local, str(base), ref)
+            return checkpoint
+        opened = self.open(base_ref)
+        stored = StoredBase(opened.store, opened.manifest, base_ref)
+        check_same_base(manifest, stored.fingerprint, f"registered as {base_ref}", ref)
         return stored
 
     def register_base(
@@ -599,13 +742,16 @@ class DeltaVault(Closing):
     ) -> BaseReport:
         """Keep the checkpoint ``base`` in the store under ``ref`` (tensors exact at their
         dtype, side files and shard index too), so fine-tunes of it can be rebuilt with
-        ``base_ref=ref``. Only chunks the store lacks are sent."""
+        ``base_ref=ref``. Only chunks the store lacks are sent; sealed and signed as this
+        client seals and signs."""
         started = time.perf_counter()
         checkpoint = Checkpoint(base)
         if not force:
             self._refuse_existing(ref)
         created = Timestamp()
         created.GetCurrentTime()
+        sealing, data_key = self._data_key()
+        writer = self.store.sealed(ChunkSealer(data_key) if data_key else None)
         manifest = common_pb2.Manifest(
             format_version=MANIFEST_FORMAT_VERSION,
             digest_algorithm=common_pb2.DIGEST_ALGORITHM_BLAKE3,
@@ -613,17 +759,18 @@ class DeltaVault(Closing):
             labels=dict(labels or {}),
             created_at=created,
             producer=SDK_PRODUCER,
+            sealing=sealing,
         )
         stored = new = 0
         for shard, names in checkpoint.shards().items():
             for name in names:
-                uploaded = upload_snapshot(self.store, name, checkpoint.get(name), shard=shard)
+                uploaded = upload_snapshot(writer, name, checkpoint.get(name), shard=shard)
                 manifest.tensors.append(uploaded.entry)
                 stored, new = stored + uploaded.bytes_stored, new + uploaded.new_chunk_bytes
                 if progress is not None:
                     progress(name)
-        manifest.files.extend(upload_files(self.store, checkpoint.kept_files()))
-        info = self.store.commit_manifest(manifest, ref=ref, force=force)
+        manifest.files.extend(upload_files(writer, checkpoint.kept_files()))
+        info = self.store.commit_manifest(manifest, ref=ref, force=force, signer=self.signer)
         seconds = time.perf_counter() - started
         return BaseReport(
             str(info.digest),
@@ -652,10 +799,12 @@ class DeltaVault(Closing):
     def apply(self, model: nn.Module, ref: str, *, prefix: str = "") -> nn.Module:
         """Add the stored deltas to ``model``'s weights in place (names are the manifest's
         with ``prefix`` removed) and return it. ValueError, before any change, if a delta
-        names a tensor the model lacks or a shape differs."""
+        names a tensor the model lacks or a shape differs. A live module's weights are not
+        fingerprinted: rebuild from a checkpoint (:meth:`reconstruct`) to have the base
+        checked."""
         state = model.state_dict(keep_vars=True)
-        manifest = self.delta_manifest(ref)
-        entries = {e.name.removeprefix(prefix): e for e in manifest.tensors}
+        opened = self.open_delta(ref)
+        entries = {e.name.removeprefix(prefix): e for e in opened.manifest.tensors}
         problems = [
             f"{n}: not in the model"
             if n not in state
@@ -668,8 +817,48 @@ class DeltaVault(Closing):
         for name, entry in entries.items():
             if entry.kind != common_pb2.STORAGE_KIND_ZERO:
                 tensor = state[name]
-                tensor.copy_(rebuild_tensor(self.store, entry, tensor, tensor.dtype))
+                tensor.copy_(rebuild_tensor(opened.store, entry, tensor, tensor.dtype))
         return model
+
+    # --- provenance and keys -------------------------------------------------------------
+
+    def sign(self, ref: str) -> str:
+        """Add this client's signature to the manifest ``ref`` points at (stored beside it:
+        the manifest and its digest are unchanged); returns the signer's key id."""
+        if self.signer is None:
+            raise ValueError("signing needs a signer (a key from `deltavault keys generate`)")
+        signed = self.store.get_signed_manifest(self.store.resolve_ref(ref))
+        trusted_signers(signed.signatures, signed.digest, None)  # never countersign a forgery
+        self.store.commit_manifest(signed.manifest, signer=self.signer)
+        return self.signer.key_id
+
+    def rotate(self, new_kek: bytes, *, prefix: str = "", keep_old: bool = False) -> list[Rotated]:
+        """Re-wrap the data key of every sealed manifest under ``prefix`` for ``new_kek``
+        (opened with this client's KEKs) and move each ref to the re-wrapped manifest with
+        compare-and-swap. Chunks are untouched: nothing is uploaded. Old wrappings are
+        dropped unless ``keep_old``; the old manifests go at the next gc."""
+        if self.sealing is None:
+            raise ValueError("rotation needs the current KEK(s) in this client's sealing keys")
+        rotated = []
+        for ref, digest in list(self.store.list_refs(prefix)):
+            signed = self.store.get_signed_manifest(digest)
+            self._check_provenance(ref, signed)
+            if not signed.manifest.HasField("sealing"):
+                continue
+            manifest = common_pb2.Manifest()
+            manifest.CopyFrom(signed.manifest)
+            try:
+                record = rewrap(manifest.sealing, self.sealing.keks, new_kek, keep_old=keep_old)
+            except SealingError as exc:
+                raise PreconditionError(
+                    f"{ref}: {exc}", grpc.StatusCode.FAILED_PRECONDITION
+                ) from None
+            manifest.sealing.CopyFrom(record)
+            info = self.store.commit_manifest(
+                manifest, ref=ref, expected=digest, signer=self.signer
+            )
+            rotated.append(Rotated(ref, str(digest), str(info.digest)))
+        return rotated
 
     # --- housekeeping --------------------------------------------------------------------
 
@@ -705,15 +894,6 @@ def _as_dict(message: Message) -> dict[str, Any]:
         for f in message.DESCRIPTOR.fields
         if f.type != f.TYPE_MESSAGE
     }
-
-
-def fingerprint(checkpoint: Checkpoint) -> str:
-    """A cheap identity for a base: the names, shapes and dtypes of its tensors, hashed."""
-    listing = [
-        (n, list(checkpoint.info(n).shape), checkpoint.info(n).dtype) for n in checkpoint.names()
-    ]
-    blob = json.dumps(sorted(listing), separators=(",", ":")).encode()
-    return "layout:" + str(Digest.of(blob).hex[:32])
 
 
 def _scope(allocation: str) -> compressor_pb2.AllocationScope.ValueType:

@@ -26,7 +26,11 @@ def upload_files(
     for path in paths:
         data = path.read_bytes()
         chunks, _ = store.upload(data, algorithm)
-        entries.append(common_pb2.FileEntry(name=path.name, size=len(data), chunks=chunks))
+        entries.append(
+            common_pb2.FileEntry(
+                name=path.name, size=sum(chunk.size for chunk in chunks), chunks=chunks
+            )
+        )
     return entries
 
 

@@ -4,10 +4,16 @@ It cuts byte strings into fixed-size chunks, uploads only the chunks the store l
 streams chunks back verified, and retries with exponential backoff when the store is
 UNAVAILABLE or sheds the call (RESOURCE_EXHAUSTED with a retry delay). Every call has a
 deadline, so a dead server is an error, never a hang.
+
+A client :meth:`~StoreClient.sealed` with a ``ChunkSealer`` seals every chunk it uploads
+and opens every chunk it reads (``clients.sealing``): chunk refs then name and size the
+sealed bytes, which are all the store ever sees. Manifests are checked against their
+digest on every read, and can be signed on commit (``store_svc.signatures``).
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +32,7 @@ from clients.errors import (
     from_rpc_error,
     retry_delay,
 )
+from clients.sealing import ChunkSealer, SealingError, plain_size
 from clients.wire import (
     HEAP_FRAME_BYTES,
     bytes_field_parser,
@@ -33,6 +40,8 @@ from clients.wire import (
     serialize_with_bytes,
 )
 from store_svc.digest import Algorithm, Digest
+from store_svc.manifests import manifest_digest
+from store_svc.signatures import Signer
 
 T = TypeVar("T")
 
@@ -93,6 +102,14 @@ class UploadStats:
 
 
 @dataclass(frozen=True)
+class SignedManifest:
+    manifest: common_pb2.Manifest
+    digest: Digest
+    """What the manifest's bytes hash to: checked here, not taken from the store."""
+    signatures: list[common_pb2.ManifestSignature]
+
+
+@dataclass(frozen=True)
 class CommitInfo:
     digest: Digest
     already_present: bool
@@ -136,9 +153,24 @@ class StoreClient(Closing):
         self._frame_bytes = frame_bytes
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
+        self.sealer: ChunkSealer | None = None
+        self._owns_channel = True
 
     def close(self) -> None:
-        self._channel.close()
+        if self._owns_channel:
+            self._channel.close()
+
+    def sealed(self, sealer: ChunkSealer | None) -> StoreClient:
+        """This client, sealing what it uploads and opening what it reads with ``sealer``
+        (None: plain). Shares the channel; closing the view leaves the channel open."""
+        view = copy.copy(self)
+        view.sealer, view._owns_channel = sealer, False
+        return view
+
+    def content_size(self, refs: Iterable[common_pb2.ChunkRef]) -> int:
+        """Bytes the chunks hold once read (opened, for a sealed client)."""
+        sizes = [ref.size for ref in refs]
+        return sum(sizes) if self.sealer is None else sum(plain_size(size) for size in sizes)
 
     # --- chunks -------------------------------------------------------------------------
 
@@ -161,8 +193,12 @@ class StoreClient(Closing):
     def upload(
         self, data: bytes | memoryview, algorithm: Algorithm = Algorithm.BLAKE3
     ) -> tuple[list[common_pb2.ChunkRef], UploadStats]:
-        """Store ``data`` as chunks, sending only those the store lacks."""
+        """Store ``data`` as chunks (sealed, by a sealed client), sending only those the
+        store lacks."""
         chunks = cut_chunks(data, self.chunk_bytes, algorithm)
+        if self.sealer is not None:
+            sealed = [self.sealer.seal(piece) for _, piece in chunks]
+            chunks = [(Digest.of(piece, algorithm), piece) for piece in sealed]
         missing = set(self.missing_chunks([d for d, _ in chunks]))
         to_send = list({d: piece for d, piece in chunks if d in missing}.items())
         written = self.put_chunks(to_send)
@@ -179,20 +215,42 @@ class StoreClient(Closing):
             yield digest, b"".join(pieces)
 
     def read(self, refs: Iterable[common_pb2.ChunkRef]) -> bytes:
-        """Concatenated bytes of whole chunks, each verified by the server and here (joined
-        once, from the frames as they arrived)."""
-        return b"".join(piece for pieces in self._verified(refs) for piece in pieces)
+        """Concatenated bytes of whole chunks, each verified by the server and here (and
+        opened, by a sealed client), joined once from the frames as they arrived."""
+        return b"".join(piece for pieces in self._contents(refs) for piece in pieces)
 
     def read_into(self, refs: Iterable[common_pb2.ChunkRef], out: memoryview) -> None:
-        """:meth:`read` into ``out``, a writable byte buffer of exactly the chunks' size."""
+        """:meth:`read` into ``out``, a writable byte buffer of exactly
+        :meth:`content_size` bytes."""
         refs = list(refs)
-        if len(out) != sum(r.size for r in refs):
-            raise ValueError(f"{len(out)}-byte buffer for {sum(r.size for r in refs)} bytes")
+        size = self.content_size(refs)
+        if len(out) != size:
+            raise ValueError(f"{len(out)}-byte buffer for {size} bytes")
         offset = 0
-        for pieces in self._verified(refs):
+        for pieces in self._contents(refs):
             for piece in pieces:
                 out[offset : offset + len(piece)] = piece
                 offset += len(piece)
+
+    def check_chunks(self, refs: Iterable[common_pb2.ChunkRef]) -> int:
+        """Fetch and check every chunk (digest, size and, sealed, authentication), keeping
+        none; returns the bytes checked. ``DataLossError`` at the first bad one."""
+        return sum(len(piece) for pieces in self._contents(refs) for piece in pieces)
+
+    def _contents(self, refs: Iterable[common_pb2.ChunkRef]) -> Iterator[list[memoryview]]:
+        """Each chunk's content: its verified frames, or for a sealed client its opened
+        plaintext (one piece)."""
+        refs = list(refs)
+        if self.sealer is None:
+            yield from self._verified(refs)
+            return
+        for ref, pieces in zip(refs, self._verified(refs), strict=True):
+            sealed = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            digest = Digest.from_proto(ref.digest)
+            try:
+                yield [memoryview(self.sealer.open(sealed, f"chunk {digest}"))]
+            except SealingError as exc:
+                raise DataLossError(str(exc), grpc.StatusCode.DATA_LOSS) from None
 
     def _verified(self, refs: Iterable[common_pb2.ChunkRef]) -> Iterator[list[memoryview]]:
         """Each chunk's frames in order, the chunk checked against its digest and size."""
@@ -233,10 +291,14 @@ class StoreClient(Closing):
         ref: str = "",
         expected: Digest | None = None,
         force: bool = False,
+        signer: Signer | None = None,
     ) -> CommitInfo:
-        """Store ``manifest`` and, with ``ref``, move the ref to it (compare-and-swap from
-        ``expected``, None: absent; or always with ``force``)."""
+        """Store ``manifest`` (signed by ``signer``, if given) and, with ``ref``, move the
+        ref to it (compare-and-swap from ``expected``, None: absent; or always with
+        ``force``)."""
         request = store_pb2.CommitManifestRequest(manifest=manifest, ref=ref, force_ref=force)
+        if signer is not None:
+            request.signatures.append(signer.sign(manifest_digest(manifest)))
         if expected is not None:
             request.expected_ref_target.CopyFrom(expected.to_proto())
         attempts = 0
@@ -252,7 +314,7 @@ class StoreClient(Closing):
             # The ref moved since an attempt the store did not answer (the object store
             # went down after the move): if it moved to this manifest, that attempt landed.
             if attempts > 1 and exc.actual is not None:
-                stored = self.commit_manifest(manifest)
+                stored = self.commit_manifest(manifest, signer=signer)
                 if stored.digest == exc.actual:
                     return stored
             raise
@@ -264,8 +326,22 @@ class StoreClient(Closing):
         )
 
     def get_manifest(self, digest: Digest) -> common_pb2.Manifest:
+        return self.get_signed_manifest(digest).manifest
+
+    def get_signed_manifest(self, digest: Digest) -> SignedManifest:
+        """The manifest ``digest`` names, checked to hash to it (``DataLossError`` if the
+        store answered another), with the signatures stored beside it."""
         request = store_pb2.GetManifestRequest(digest=digest.to_proto())
-        return self._call(lambda: self._stub.GetManifest(request, timeout=self._timeout)).manifest
+        response = self._call(lambda: self._stub.GetManifest(request, timeout=self._timeout))
+        try:
+            actual = manifest_digest(response.manifest)
+        except ValueError:
+            actual = None
+        if actual != digest:
+            raise DataLossError(
+                f"the store answered manifest {actual} for {digest}", grpc.StatusCode.DATA_LOSS
+            )
+        return SignedManifest(response.manifest, digest, list(response.signatures))
 
     def update_ref(
         self, ref: str, target: Digest, *, expected: Digest | None = None, force: bool = False

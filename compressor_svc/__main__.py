@@ -69,6 +69,13 @@ def add_server_flags(p: argparse.ArgumentParser, *, with_store: bool = True) -> 
         default=_env("spill-dir", None),
         help="local disk for model-wide allocation's factors (default: the temp dir)",
     )
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        default=_env("signing-key", None),
+        help="Ed25519 private key (PEM) that signs every manifest committed "
+        "(deltavault keys generate); default: unsigned",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +115,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> Compresso
         "health_port": int(args.health_port),
         "auth_tokens": Path(args.auth_tokens) if args.auth_tokens else None,
         "limits": limits_from_args(args),
+        "signing_key": Path(args.signing_key) if args.signing_key else None,
     }
     if hasattr(args, "store"):
         values["store"] = args.store

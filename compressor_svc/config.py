@@ -61,6 +61,9 @@ class CompressorConfig:
     """On SIGTERM, in-flight streams get this long to finish."""
     store_timeout_seconds: float = 300.0
     """Deadline of each call to the store."""
+    signing_key: Path | None = None
+    """Ed25519 private key (PEM, ``deltavault keys generate``) that signs every manifest
+    this compressor commits (``store_svc.signatures``); None: manifests go unsigned."""
 
     def __post_init__(self) -> None:
         if not 0 < self.max_frame_bytes <= self.max_tensor_bytes:

@@ -42,6 +42,12 @@ class Undecodable(CompressorError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class SealedWithoutKey(CompressorError):
+    """A sealed manifest asked for without the data key that opens it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class MissingBase(CompressorError):
     """A reconstruction needs base tensors the client did not send."""
 

@@ -58,6 +58,7 @@ from store_svc.digest import Digest
 from store_svc.errors import RefConflict
 from store_svc.limits import ByteLease
 from store_svc.manifests import FORMAT_VERSION
+from store_svc.signatures import Signer
 
 PRODUCER = "deltavault-compressor 0.1.0"
 
@@ -491,8 +492,10 @@ class CompressSession:
         *,
         device: torch.device,
         spill_dir: Path | None,
+        signer: Signer | None = None,
     ) -> None:
-        self.spec, self._store, self._metrics, self._device = spec, store, metrics, device
+        self.spec, self._metrics, self._device = spec, metrics, device
+        self._store, self._signer = store.sealed(spec.sealer()), signer
         self._entries: dict[str, common_pb2.TensorEntry | None] = {}
         self._totals = _Totals()
         self._started = time.perf_counter()
@@ -537,7 +540,11 @@ class CompressSession:
             raise InvalidInput("the stream sent no tensors; nothing to commit")
         manifest = self._manifest()
         info = self._store.commit_manifest(
-            manifest, ref=self.spec.ref, expected=self.spec.expected_ref, force=self.spec.force_ref
+            manifest,
+            ref=self.spec.ref,
+            expected=self.spec.expected_ref,
+            force=self.spec.force_ref,
+            signer=self._signer,
         )
         totals = self._totals
         yield compressor_pb2.CompressResponse(
@@ -612,6 +619,7 @@ class CompressSession:
         entries = [e for e in self._entries.values() if e is not None]
         assert len(entries) == len(self._entries)  # the second pass filled every deferred one
         return common_pb2.Manifest(
+            sealing=self.spec.sealing,
             format_version=FORMAT_VERSION,
             digest_algorithm=self.spec.algorithm.to_proto(),
             base_fingerprint=self.spec.base_fingerprint,

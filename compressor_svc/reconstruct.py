@@ -29,9 +29,16 @@ from clients.encoding import (
     rebuild_tensor,
     serialized_frames,
 )
+from clients.sealing import ChunkSealer, SealingError
 from clients.store_client import StoreClient
 from clients.wire import WithBytes
-from compressor_svc.errors import InvalidInput, MissingBase, TensorTooLarge, Undecodable
+from compressor_svc.errors import (
+    InvalidInput,
+    MissingBase,
+    SealedWithoutKey,
+    TensorTooLarge,
+    Undecodable,
+)
 from compressor_svc.pipeline import check_frame_shape
 from store_svc.digest import Digest
 from store_svc.refs import RefName
@@ -62,6 +69,27 @@ def resolve_manifest(
     return manifest
 
 
+def opening_store(
+    store: StoreClient, header: compressor_pb2.ReconstructHeader, delta: common_pb2.Manifest
+) -> StoreClient:
+    """``store``, opening chunks with the header's data key when the delta is sealed;
+    FAILED_PRECONDITION when that key is missing or is not the delta's."""
+    if not delta.HasField("sealing"):
+        return store
+    wanted = delta.sealing.data_key_id
+    if not header.data_key:
+        raise SealedWithoutKey(f"the delta is sealed under data key {wanted}: send its data_key")
+    try:
+        sealer = ChunkSealer(header.data_key)
+    except SealingError as exc:
+        raise InvalidInput(f"data_key: {exc}") from None
+    if sealer.data_key_id != wanted:
+        raise SealedWithoutKey(
+            f"the delta is sealed under data key {wanted}; data_key is {sealer.data_key_id}"
+        )
+    return store.sealed(sealer)
+
+
 def resolve_base(
     store: StoreClient, header: compressor_pb2.ReconstructHeader, delta: common_pb2.Manifest
 ) -> StoredBase | None:
@@ -71,11 +99,19 @@ def resolve_base(
     if manifest is None:
         return None
     label = header.base_ref or str(Digest.from_proto(header.base_manifest))
+    if manifest.sealing.data_key_id != (store.sealer.data_key_id if store.sealer else ""):
+        raise SealedWithoutKey(
+            f"the registered base {label} and the delta are not sealed under one data key "
+            f"({manifest.sealing.data_key_id or 'plain'} vs "
+            f"{store.sealer.data_key_id if store.sealer else 'plain'})"
+        )
     try:
         base = StoredBase(store, manifest, label)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
-    check_same_base(delta, base, header.ref or "the delta")
+    check_same_base(
+        delta, base.fingerprint, f"registered as {base.label}", header.ref or "the delta"
+    )
     return base
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 from clients._generated.deltavault.common.v1 import common_pb2
 from clients._generated.deltavault.compressor.v1 import compressor_pb2
+from clients.key_files import KEY_BYTES
+from clients.sealing import SCHEME, ChunkSealer, data_key_id
 from compressor_svc.errors import InvalidInput
 from compressor_svc.methods import get_method
 from compressor_svc.methods.base import Method, check_ratio
@@ -152,6 +154,9 @@ class CompressSpec:
     algorithm: Algorithm
     files: tuple[common_pb2.FileEntry, ...] = ()
     """Side files the client uploaded; the store checks them at the commit."""
+    sealing: common_pb2.ChunkSealing | None = None
+    """Seal every chunk (``clients.sealing``): the manifest's record of the data key."""
+    data_key: bytes = b""
 
     @classmethod
     def from_proto(cls, header: compressor_pb2.CompressHeader) -> CompressSpec:
@@ -191,7 +196,29 @@ class CompressSpec:
             labels=dict(header.labels),
             algorithm=algorithm,
             files=tuple(header.files),
+            sealing=_sealing(header),
+            data_key=header.data_key,
         )
+
+    def sealer(self) -> ChunkSealer | None:
+        return ChunkSealer(self.data_key) if self.sealing is not None else None
+
+
+def _sealing(header: compressor_pb2.CompressHeader) -> common_pb2.ChunkSealing | None:
+    """The header's sealing record, checked to name the data key it comes with."""
+    if not header.HasField("sealing") and not header.data_key:
+        return None
+    if not header.HasField("sealing") or not header.data_key:
+        raise InvalidInput("sealing and data_key come together: send both or neither")
+    if header.sealing.scheme != SCHEME:
+        raise InvalidInput(f"sealing scheme {header.sealing.scheme!r} unknown; use {SCHEME}")
+    key_id = data_key_id(header.data_key) if len(header.data_key) == KEY_BYTES else ""
+    if key_id != header.sealing.data_key_id:
+        raise InvalidInput(
+            f"data_key is not the {KEY_BYTES}-byte key {header.sealing.data_key_id} the "
+            "sealing record names"
+        )
+    return header.sealing
 
 
 def _scope(value: int, method: str) -> Scope:

@@ -20,6 +20,7 @@ from compressor_svc.pipeline import CompressSession, InputPairer
 from compressor_svc.plan import plan_tensor
 from compressor_svc.reconstruct import (
     check_header,
+    opening_store,
     resolve_base,
     resolve_manifest,
     selected_entries,
@@ -30,6 +31,7 @@ from compressor_svc.reconstruct import (
 from compressor_svc.requests import CompressSpec, PlanSpec
 from store_svc.limits import current_lease
 from store_svc.serving import add_service
+from store_svc.signatures import Signer
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", compressor_pb2.CompressRequest, compressor_pb2.PlanRequest)
@@ -56,6 +58,7 @@ class CompressorServicer:
         device: torch.device,
     ) -> None:
         self._config = config
+        self._signer = Signer.from_file(config.signing_key) if config.signing_key else None
         self._store = store_factory()
         self._metrics = metrics
         self._device = device
@@ -101,6 +104,7 @@ class CompressorServicer:
                 self._metrics,
                 device=self._device,
                 spill_dir=self._config.spill_dir,
+                signer=self._signer,
             )
             pairer = self._pairer()
             try:
@@ -158,12 +162,13 @@ class CompressorServicer:
             header = first.message.header
             check_header(header)
             manifest = resolve_manifest(self._store, header)
+            store = opening_store(self._store, header, manifest)
             entries = selected_entries(manifest, list(header.names))
             frame_bytes = self._config.reply_frame_bytes
-            stored_base = resolve_base(self._store, header, manifest)
+            stored_base = resolve_base(store, header, manifest)
             if stored_base is not None:
                 yield from stream_rebuilt_from(
-                    self._store,
+                    store,
                     entries,
                     stored_base,
                     header.out_dtype,
@@ -174,7 +179,7 @@ class CompressorServicer:
                 return
             if not header.add_base:
                 yield from stream_deltas(
-                    self._store,
+                    store,
                     entries,
                     header.out_dtype,
                     frame_bytes=frame_bytes,
@@ -182,7 +187,7 @@ class CompressorServicer:
                 )
                 return
             yield from stream_rebuilt(
-                self._store,
+                store,
                 entries,
                 requests,
                 header.out_dtype,

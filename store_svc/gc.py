@@ -14,6 +14,8 @@ Tenants' markers (``store_svc.tenancy``) are swept in the same pass: a marker su
 while the tenant's own refs reach what it names, or while it is younger than the grace
 period (and then it keeps what it names alive too: an upload in flight). Markers are
 deleted before the objects they name, so a marker never names a swept object.
+
+A manifest's signatures (``store_svc.signatures``) live and die with it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from store_svc.manifests import (
     digest_from_manifest_key,
 )
 from store_svc.refs import RefStore
+from store_svc.signatures import SIGNATURE_PREFIX, manifest_of_signature_key
 from store_svc.tenancy import Kind, Marker, TenantLedger
 
 
@@ -67,11 +70,17 @@ class _Mark:
 
 @dataclass(frozen=True)
 class _Doomed:
-    """What a sweep deletes: (key, size) of chunks and manifests, and marker keys."""
+    """What a sweep deletes: (key, size) of chunks, manifests and their signatures, and
+    marker keys."""
 
     chunks: list[tuple[str, int]]
     manifests: list[tuple[str, int]]
+    signatures: list[tuple[str, int]]
     markers: list[str]
+
+    def objects(self) -> list[tuple[str, int]]:
+        """Every swept object but markers, signatures before the manifests they sign."""
+        return self.signatures + self.chunks + self.manifests
 
 
 class GarbageCollector:
@@ -102,13 +111,13 @@ class GarbageCollector:
             doomed = self._remark_and_judge(mark, chunk_candidates, cutoff, stats)
             if not dry_run:
                 # Markers first: a marker never names a swept object.
-                for key in doomed.markers + [k for k, _ in doomed.chunks + doomed.manifests]:
+                for key in doomed.markers + [k for k, _ in doomed.objects()]:
                     self._backend.delete(key)
                 if doomed.markers:
                     self._tenants.forget_usage()
         stats.manifests_live, stats.chunks_live = len(mark.manifests), len(mark.chunks)
         stats.chunks_swept, stats.manifests_swept = len(doomed.chunks), len(doomed.manifests)
-        stats.bytes_freed = sum(size for _, size in doomed.chunks + doomed.manifests)
+        stats.bytes_freed = sum(size for _, size in doomed.objects())
         return stats
 
     def _remark_and_judge(
@@ -137,6 +146,11 @@ class GarbageCollector:
                 (info.key, info.size)
                 for info in manifests
                 if digest_from_manifest_key(info.key) not in mark.manifests
+            ],
+            signatures=[
+                (info.key, info.size)
+                for info in self._backend.list(SIGNATURE_PREFIX)
+                if manifest_of_signature_key(info.key) not in mark.manifests
             ],
             markers=[m.info.key for m in markers if not _keeps(mark, m, cutoff)],
         )

@@ -53,6 +53,11 @@ def serialize(manifest: common_pb2.Manifest) -> bytes:
     return manifest.SerializeToString(deterministic=True)
 
 
+def manifest_digest(manifest: common_pb2.Manifest) -> Digest:
+    """The digest a manifest is stored under (ValueError for an unknown digest algorithm)."""
+    return Digest.of_manifest(serialize(manifest), Algorithm.from_proto(manifest.digest_algorithm))
+
+
 @dataclass(frozen=True)
 class CommitResult:
     digest: Digest
@@ -71,12 +76,12 @@ class ManifestStore:
         manifest: common_pb2.Manifest,
         *,
         find_missing: Callable[[list[Digest]], list[Digest]] | None = None,
-        before_write: Callable[[], None] | None = None,
+        before_write: Callable[[Digest], None] | None = None,
     ) -> CommitResult:
         """Validate, check every chunk is present (``find_missing`` says which of them are not:
-        by default those the store lacks), run ``before_write`` (a check that may still
-        refuse the commit: a ref's compare-and-swap), and store. Idempotent. The caller
-        holds the commit lock's shared side."""
+        by default those the store lacks), run ``before_write`` on the manifest's digest (a
+        check that may still refuse the commit: its signatures, a ref's compare-and-swap),
+        and store. Idempotent. The caller holds the commit lock's shared side."""
         algorithm = validate(manifest)
         data = serialize(manifest)
         digest = Digest.of_manifest(data, algorithm)
@@ -85,7 +90,7 @@ class ManifestStore:
         if missing:
             raise MissingChunks(missing, context="manifest not committed")
         if before_write is not None:
-            before_write()
+            before_write(digest)
         written = self._backend.put_if_absent(manifest_key(digest), data)
         total = sum(chunk.size for chunk in chunk_refs(manifest))
         return CommitResult(digest, not written, len(digests), total)

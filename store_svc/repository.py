@@ -19,6 +19,7 @@ from store_svc.errors import (
     ChunkNotFound,
     CorruptObject,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     RefConflict,
@@ -34,6 +35,13 @@ from store_svc.manifests import (
     manifest_key,
 )
 from store_svc.refs import RefName, RefStore
+from store_svc.signatures import (
+    SignatureError,
+    SignaturePolicy,
+    SignatureStore,
+    UntrustedSigner,
+    trusted_signers,
+)
 from store_svc.tenancy import Kind, TenantChunks, TenantLedger
 
 
@@ -68,8 +76,11 @@ class Repository:
         *,
         max_chunk_bytes: int,
         compression: CompressionPolicy = CompressionPolicy.AUTO,
+        signature_policy: SignaturePolicy | None = None,
     ) -> None:
         self.backend = backend
+        self.signature_policy = signature_policy or SignaturePolicy()
+        self.signatures = SignatureStore(backend)
         # Shared: a manifest commit or a ref move (check, write, move); exclusive: GC's sweep.
         self._lock = SharedExclusiveLock()
         self.chunks = ChunkStore(backend, policy=compression, max_chunk_bytes=max_chunk_bytes)
@@ -107,23 +118,43 @@ class Repository:
             raise NotFound(f"no manifest {digest}")
         return self.manifests.get(digest)
 
+    def get_signatures(
+        self, digest: Digest, tenant: Tenant | None
+    ) -> list[common_pb2.ManifestSignature]:
+        """The signatures stored beside a manifest, by key id."""
+        if not self._has_manifest(digest, tenant):
+            raise NotFound(f"no manifest {digest}")
+        return self.signatures.of(digest)
+
     def commit(
         self,
         manifest: common_pb2.Manifest,
         move: RefMove | None = None,
         tenant: Tenant | None = None,
+        signatures: Sequence[common_pb2.ManifestSignature] = (),
     ) -> tuple[CommitResult, Digest | None]:
-        """Store a manifest and optionally move a ref to it; returns the ref's old target.
-        A tenant's manifest may name only chunks the tenant uploaded, and it learns only
-        whether *it* had committed the manifest before."""
+        """Store a manifest with its ``signatures`` (checked against the signature policy
+        first) and optionally move a ref to it; returns the ref's old target. A tenant's
+        manifest may name only chunks the tenant uploaded, and it learns only whether *it*
+        had committed the manifest before."""
         # A tenant's chunks are those it has markers for (a marker implies the chunk): the
         # store's own presence check would tell it which of the others exist.
         unowned = None if tenant is None else partial(self.tenants.unowned, tenant.name, Kind.CHUNK)
         # A compare-and-swap that is lost already writes nothing; one lost to a writer
         # racing in after this check leaves an unreferenced manifest, for GC.
-        precheck = None if move is None or move.force else partial(self._check_ref, move)
+        check_ref = move is not None and not move.force
+
+        def before_write(digest: Digest) -> None:
+            self._check_signatures(digest, signatures)
+            if check_ref:
+                assert move is not None
+                self._check_ref(move)
+
         with self._lock.shared():
-            result = self.manifests.commit(manifest, find_missing=unowned, before_write=precheck)
+            result = self.manifests.commit(
+                manifest, find_missing=unowned, before_write=before_write
+            )
+            self.signatures.add(result.digest, signatures)
             if tenant is not None:
                 new = self.tenants.claim_manifest(tenant.name, result.digest)
                 result = replace(result, already_present=not new)
@@ -168,6 +199,24 @@ class Repository:
         for digest in chunks:
             self._verify_chunk(digest, report)
         return report
+
+    def _check_signatures(
+        self, digest: Digest, signatures: Sequence[common_pb2.ManifestSignature]
+    ) -> None:
+        """Refuse a bad signature always; an untrusted signer or none, as configured."""
+        policy = self.signature_policy
+        try:
+            signers = trusted_signers(signatures, digest, policy.trusted)
+        except UntrustedSigner as exc:
+            raise PermissionDenied(f"manifest not committed: {exc}") from None
+        except SignatureError as exc:
+            raise InvalidArgument(f"manifest not committed: {exc}") from None
+        if policy.required and not signers:
+            by = "a trusted key" if policy.trusted is not None else "an Ed25519 key"
+            raise FailedPrecondition(
+                f"manifest {digest} not committed: this store requires manifests signed by "
+                f"{by} (sign with `deltavault keys generate` and --signing-key)"
+            )
 
     def _check_ref(self, move: RefMove) -> None:
         current = self.refs.resolve(move.ref)

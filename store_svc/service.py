@@ -182,7 +182,9 @@ class DeltaStoreServicer:
                 "expected_ref_target",
             )
             move = RefMove(_ref(request.ref), expected, request.force_ref)
-        result, _ = self._repo.commit(request.manifest, move, _tenant())
+        result, _ = self._repo.commit(
+            request.manifest, move, _tenant(), signatures=list(request.signatures)
+        )
         return store_pb2.CommitManifestResponse(
             digest=result.digest.to_proto(),
             already_present=result.already_present,
@@ -194,8 +196,13 @@ class DeltaStoreServicer:
         self, request: store_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> store_pb2.GetManifestResponse:
         digest = _digest(request.digest, "digest")
-        manifest = self._repo.get_manifest(digest, _tenant())
-        return store_pb2.GetManifestResponse(manifest=manifest, digest=digest.to_proto())
+        tenant = _tenant()
+        manifest = self._repo.get_manifest(digest, tenant)
+        return store_pb2.GetManifestResponse(
+            manifest=manifest,
+            digest=digest.to_proto(),
+            signatures=self._repo.get_signatures(digest, tenant),
+        )
 
     def UpdateRef(
         self, request: store_pb2.UpdateRefRequest, context: grpc.ServicerContext

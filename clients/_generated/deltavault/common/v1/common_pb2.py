@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!deltavault/common/v1/common.proto\x12\x14\x64\x65ltavault.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x06\x44igest\x12\x38\n\talgorithm\x18\x01 \x01(\x0e\x32%.deltavault.common.v1.DigestAlgorithm\x12\r\n\x05value\x18\x02 \x01(\x0c\"F\n\x08\x43hunkRef\x12,\n\x06\x64igest\x18\x01 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x8d\x01\n\x0b\x45ncodedPart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05nbits\x18\x04 \x01(\x04\x12\x13\n\x0b\x62yte_length\x18\x05 \x01(\x04\x12.\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x1e.deltavault.common.v1.ChunkRef\"l\n\nErrorStats\x12\x1d\n\x15relative_weight_error\x18\x01 \x01(\x01\x12!\n\x19relative_activation_error\x18\x02 \x01(\x01\x12\x1c\n\x14has_activation_error\x18\x03 \x01(\x08\"\xf2\x02\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.deltavault.common.v1.StorageKind\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x16\n\x0emethod_version\x18\x04 \x01(\r\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12=\n\x06params\x18\x07 \x03(\x0b\x32-.deltavault.common.v1.TensorEntry.ParamsEntry\x12\x30\n\x05parts\x18\x08 \x03(\x0b\x32!.deltavault.common.v1.EncodedPart\x12\r\n\x05nbits\x18\t \x01(\x04\x12/\n\x05\x65rror\x18\n \x01(\x0b\x32 .deltavault.common.v1.ErrorStats\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12.\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x1e.deltavault.common.v1.ChunkRef\"\x8e\x03\n\x08Manifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12?\n\x10\x64igest_algorithm\x18\x02 \x01(\x0e\x32%.deltavault.common.v1.DigestAlgorithm\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x32\n\x07tensors\x18\x04 \x03(\x0b\x32!.deltavault.common.v1.TensorEntry\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.deltavault.common.v1.Manifest.LabelsEntry\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x07 \x01(\t\x12.\n\x05\x66iles\x18\x08 \x03(\x0b\x32\x1f.deltavault.common.v1.FileEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x13MissingChunksDetail\x12-\n\x07\x64igests\x18\x01 \x03(\x0b\x32\x1c.deltavault.common.v1.Digest\"R\n\x12\x43orruptChunkDetail\x12,\n\x06\x64igest\x18\x01 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x0e\n\x06reason\x18\x02 \x01(\t\"~\n\x11RefConflictDetail\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12.\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12,\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest*m\n\x0f\x44igestAlgorithm\x12 \n\x1c\x44IGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44IGEST_ALGORITHM_BLAKE3\x10\x01\x12\x1b\n\x17\x44IGEST_ALGORITHM_SHA256\x10\x02*\x95\x01\n\x0bStorageKind\x12\x1c\n\x18STORAGE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17STORAGE_KIND_COMPRESSED\x10\x01\x12\x19\n\x15STORAGE_KIND_LOSSLESS\x10\x02\x12\x15\n\x11STORAGE_KIND_ZERO\x10\x03\x12\x19\n\x15STORAGE_KIND_SNAPSHOT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!deltavault/common/v1/common.proto\x12\x14\x64\x65ltavault.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x06\x44igest\x12\x38\n\talgorithm\x18\x01 \x01(\x0e\x32%.deltavault.common.v1.DigestAlgorithm\x12\r\n\x05value\x18\x02 \x01(\x0c\"F\n\x08\x43hunkRef\x12,\n\x06\x64igest\x18\x01 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x8d\x01\n\x0b\x45ncodedPart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05nbits\x18\x04 \x01(\x04\x12\x13\n\x0b\x62yte_length\x18\x05 \x01(\x04\x12.\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x1e.deltavault.common.v1.ChunkRef\"l\n\nErrorStats\x12\x1d\n\x15relative_weight_error\x18\x01 \x01(\x01\x12!\n\x19relative_activation_error\x18\x02 \x01(\x01\x12\x1c\n\x14has_activation_error\x18\x03 \x01(\x08\"\xf2\x02\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.deltavault.common.v1.StorageKind\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x16\n\x0emethod_version\x18\x04 \x01(\r\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12=\n\x06params\x18\x07 \x03(\x0b\x32-.deltavault.common.v1.TensorEntry.ParamsEntry\x12\x30\n\x05parts\x18\x08 \x03(\x0b\x32!.deltavault.common.v1.EncodedPart\x12\r\n\x05nbits\x18\t \x01(\x04\x12/\n\x05\x65rror\x18\n \x01(\x0b\x32 .deltavault.common.v1.ErrorStats\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12.\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x1e.deltavault.common.v1.ChunkRef\"\xc3\x03\n\x08Manifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12?\n\x10\x64igest_algorithm\x18\x02 \x01(\x0e\x32%.deltavault.common.v1.DigestAlgorithm\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x32\n\x07tensors\x18\x04 \x03(\x0b\x32!.deltavault.common.v1.TensorEntry\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.deltavault.common.v1.Manifest.LabelsEntry\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x07 \x01(\t\x12.\n\x05\x66iles\x18\x08 \x03(\x0b\x32\x1f.deltavault.common.v1.FileEntry\x12\x33\n\x07sealing\x18\t \x01(\x0b\x32\".deltavault.common.v1.ChunkSealing\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0c\x43hunkSealing\x12\x0e\n\x06scheme\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x61ta_key_id\x18\x02 \x01(\t\x12\x36\n\x0cwrapped_keys\x18\x03 \x03(\x0b\x32 .deltavault.common.v1.WrappedKey\"@\n\nWrappedKey\x12\x0e\n\x06kek_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0f\n\x07wrapped\x18\x03 \x01(\x0c\"J\n\x11ManifestSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"D\n\x13MissingChunksDetail\x12-\n\x07\x64igests\x18\x01 \x03(\x0b\x32\x1c.deltavault.common.v1.Digest\"R\n\x12\x43orruptChunkDetail\x12,\n\x06\x64igest\x18\x01 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x0e\n\x06reason\x18\x02 \x01(\t\"~\n\x11RefConflictDetail\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12.\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12,\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest*m\n\x0f\x44igestAlgorithm\x12 \n\x1c\x44IGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44IGEST_ALGORITHM_BLAKE3\x10\x01\x12\x1b\n\x17\x44IGEST_ALGORITHM_SHA256\x10\x02*\x95\x01\n\x0bStorageKind\x12\x1c\n\x18STORAGE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17STORAGE_KIND_COMPRESSED\x10\x01\x12\x19\n\x15STORAGE_KIND_LOSSLESS\x10\x02\x12\x15\n\x11STORAGE_KIND_ZERO\x10\x03\x12\x19\n\x15STORAGE_KIND_SNAPSHOT\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORENTRY_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_MANIFEST_LABELSENTRY']._loaded_options = None
   _globals['_MANIFEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DIGESTALGORITHM']._serialized_start=1646
-  _globals['_DIGESTALGORITHM']._serialized_end=1755
-  _globals['_STORAGEKIND']._serialized_start=1758
-  _globals['_STORAGEKIND']._serialized_end=1907
+  _globals['_DIGESTALGORITHM']._serialized_start=1950
+  _globals['_DIGESTALGORITHM']._serialized_end=2059
+  _globals['_STORAGEKIND']._serialized_start=2062
+  _globals['_STORAGEKIND']._serialized_end=2211
   _globals['_DIGEST']._serialized_start=92
   _globals['_DIGEST']._serialized_end=173
   _globals['_CHUNKREF']._serialized_start=175
@@ -55,13 +55,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILEENTRY']._serialized_start=874
   _globals['_FILEENTRY']._serialized_end=961
   _globals['_MANIFEST']._serialized_start=964
-  _globals['_MANIFEST']._serialized_end=1362
-  _globals['_MANIFEST_LABELSENTRY']._serialized_start=1317
-  _globals['_MANIFEST_LABELSENTRY']._serialized_end=1362
-  _globals['_MISSINGCHUNKSDETAIL']._serialized_start=1364
-  _globals['_MISSINGCHUNKSDETAIL']._serialized_end=1432
-  _globals['_CORRUPTCHUNKDETAIL']._serialized_start=1434
-  _globals['_CORRUPTCHUNKDETAIL']._serialized_end=1516
-  _globals['_REFCONFLICTDETAIL']._serialized_start=1518
-  _globals['_REFCONFLICTDETAIL']._serialized_end=1644
+  _globals['_MANIFEST']._serialized_end=1415
+  _globals['_MANIFEST_LABELSENTRY']._serialized_start=1370
+  _globals['_MANIFEST_LABELSENTRY']._serialized_end=1415
+  _globals['_CHUNKSEALING']._serialized_start=1417
+  _globals['_CHUNKSEALING']._serialized_end=1524
+  _globals['_WRAPPEDKEY']._serialized_start=1526
+  _globals['_WRAPPEDKEY']._serialized_end=1590
+  _globals['_MANIFESTSIGNATURE']._serialized_start=1592
+  _globals['_MANIFESTSIGNATURE']._serialized_end=1666
+  _globals['_MISSINGCHUNKSDETAIL']._serialized_start=1668
+  _globals['_MISSINGCHUNKSDETAIL']._serialized_end=1736
+  _globals['_CORRUPTCHUNKDETAIL']._serialized_start=1738
+  _globals['_CORRUPTCHUNKDETAIL']._serialized_end=1820
+  _globals['_REFCONFLICTDETAIL']._serialized_start=1822
+  _globals['_REFCONFLICTDETAIL']._serialized_end=1948
 # @@protoc_insertion_point(module_scope)

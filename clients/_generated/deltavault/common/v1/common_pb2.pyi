@@ -345,6 +345,7 @@ class Manifest(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    SEALING_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     """currently 1"""
     digest_algorithm: Global___DigestAlgorithm.ValueType
@@ -365,6 +366,13 @@ class Manifest(_message.Message):
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileEntry]:
         """Side files: a delta's are the fine-tune's, a registered base's are the base's."""
 
+    @_builtins.property
+    def sealing(self) -> Global___ChunkSealing:
+        """Set when the producer sealed every chunk client-side (the store holds only
+        ciphertext): how, and the data key wrapped by each key-encryption key that may open it.
+        Never the key itself.
+        """
+
     def __init__(
         self,
         *,
@@ -376,14 +384,109 @@ class Manifest(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         producer: _builtins.str = ...,
         files: _abc.Iterable[Global___FileEntry] | None = ...,
+        sealing: Global___ChunkSealing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "sealing", b"sealing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "created_at", b"created_at", "digest_algorithm", b"digest_algorithm", "files", b"files", "format_version", b"format_version", "labels", b"labels", "producer", b"producer", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "created_at", b"created_at", "digest_algorithm", b"digest_algorithm", "files", b"files", "format_version", b"format_version", "labels", b"labels", "producer", b"producer", "sealing", b"sealing", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Manifest: _TypeAlias = Manifest  # noqa: Y015
+
+@_typing.final
+class ChunkSealing(_message.Message):
+    """Client-side encryption of a manifest's chunks (`clients/sealing.py` defines the scheme).
+    Each stored chunk is nonce || AEAD ciphertext || tag, and its digest and size are the
+    sealed bytes': the store verifies and deduplicates ciphertext without any key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEME_FIELD_NUMBER: _builtins.int
+    DATA_KEY_ID_FIELD_NUMBER: _builtins.int
+    WRAPPED_KEYS_FIELD_NUMBER: _builtins.int
+    scheme: _builtins.str
+    """"aes-256-gcm-convergent/v1" """
+    data_key_id: _builtins.str
+    """names the data key (a keyed hash of it, not the key)"""
+    @_builtins.property
+    def wrapped_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___WrappedKey]: ...
+    def __init__(
+        self,
+        *,
+        scheme: _builtins.str = ...,
+        data_key_id: _builtins.str = ...,
+        wrapped_keys: _abc.Iterable[Global___WrappedKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_key_id", b"data_key_id", "scheme", b"scheme", "wrapped_keys", b"wrapped_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkSealing: _TypeAlias = ChunkSealing  # noqa: Y015
+
+@_typing.final
+class WrappedKey(_message.Message):
+    """A data key encrypted under one key-encryption key (KEK) a reader holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEK_ID_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    WRAPPED_FIELD_NUMBER: _builtins.int
+    kek_id: _builtins.str
+    """names the KEK (a keyed hash of it, not the key)"""
+    algorithm: _builtins.str
+    """"aes-256-kw" (RFC 3394 key wrap)"""
+    wrapped: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        kek_id: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+        wrapped: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "kek_id", b"kek_id", "wrapped", b"wrapped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WrappedKey: _TypeAlias = WrappedKey  # noqa: Y015
+
+@_typing.final
+class ManifestSignature(_message.Message):
+    """An Ed25519 signature over a manifest's digest, stored beside the manifest (not in it:
+    the digest names the manifest's bytes). `store_svc/signatures.py` defines the message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """"ed25519:" + hex of the first 16 bytes of SHA-256(public_key)"""
+    public_key: _builtins.bytes
+    """raw 32-byte Ed25519 public key"""
+    signature: _builtins.bytes
+    """64 bytes"""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ManifestSignature: _TypeAlias = ManifestSignature  # noqa: Y015
 
 @_typing.final
 class MissingChunksDetail(_message.Message):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clients._generated.deltavault.common.v1 import common_pb2 as deltavault_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)deltavault/compressor/v1/compressor.proto\x12\x18\x64\x65ltavault.compressor.v1\x1a!deltavault/common/v1/common.proto\"\xec\x04\n\x0e\x43ompressHeader\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05ratio\x18\x02 \x01(\x01\x12=\n\nallocation\x18\x03 \x01(\x0e\x32).deltavault.compressor.v1.AllocationScope\x12\x0b\n\x03ref\x18\x04 \x01(\t\x12\x39\n\x13\x65xpected_ref_target\x18\x05 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x11\n\tforce_ref\x18\x06 \x01(\x08\x12\x18\n\x10\x62\x61se_fingerprint\x18\x07 \x01(\t\x12\x16\n\x0elossy_patterns\x18\x08 \x03(\t\x12S\n\x0emethod_options\x18\t \x03(\x0b\x32;.deltavault.compressor.v1.CompressHeader.MethodOptionsEntry\x12\x44\n\x06labels\x18\n \x03(\x0b\x32\x34.deltavault.compressor.v1.CompressHeader.LabelsEntry\x12?\n\x10\x64igest_algorithm\x18\x0b \x01(\x0e\x32%.deltavault.common.v1.DigestAlgorithm\x12.\n\x05\x66iles\x18\x0c \x03(\x0b\x32\x1f.deltavault.common.v1.FileEntry\x1a\x34\n\x12MethodOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x01\n\x0bTensorFrame\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04role\x18\x02 \x01(\x0e\x32$.deltavault.compressor.v1.TensorRole\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x05\n\x03\x45nd\"\xbb\x01\n\x0f\x43ompressRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.deltavault.compressor.v1.CompressHeaderH\x00\x12\x36\n\x05\x66rame\x18\x02 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrameH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.deltavault.compressor.v1.EndH\x00\x42\x06\n\x04item\"\xf9\x01\n\x0bTensorEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.deltavault.common.v1.StorageKind\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05numel\x18\x04 \x01(\x04\x12\r\n\x05nbits\x18\x05 \x01(\x04\x12\r\n\x05ratio\x18\x06 \x01(\x01\x12\x13\n\x0bpaper_ratio\x18\x07 \x01(\x01\x12/\n\x05\x65rror\x18\x08 \x01(\x0b\x32 .deltavault.common.v1.ErrorStats\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x17\n\x0fnew_chunk_bytes\x18\n \x01(\x04\"\xc7\x01\n\x0e\x43ompressResult\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x14\n\x0ctensor_count\x18\x03 \x01(\r\x12\r\n\x05ratio\x18\x04 \x01(\x01\x12\x14\n\x0c\x62ytes_stored\x18\x05 \x01(\x04\x12\x17\n\x0fnew_chunk_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x13\n\x0blossy_ratio\x18\x08 \x01(\x01\"\x8f\x01\n\x10\x43ompressResponse\x12\x37\n\x06tensor\x18\x01 \x01(\x0b\x32%.deltavault.compressor.v1.TensorEventH\x00\x12:\n\x06result\x18\x02 \x01(\x0b\x32(.deltavault.compressor.v1.CompressResultH\x00\x42\x06\n\x04item\"\xcb\x01\n\x11ReconstructHeader\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12.\n\x08manifest\x18\x02 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x10\n\x08\x61\x64\x64_base\x18\x03 \x01(\x08\x12\x11\n\tout_dtype\x18\x04 \x01(\t\x12\r\n\x05names\x18\x05 \x03(\t\x12\x10\n\x08\x62\x61se_ref\x18\x06 \x01(\t\x12\x33\n\rbase_manifest\x18\x07 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\"\xc0\x01\n\x12ReconstructRequest\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.deltavault.compressor.v1.ReconstructHeaderH\x00\x12\x35\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrameH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.deltavault.compressor.v1.EndH\x00\x42\x06\n\x04item\"K\n\x13ReconstructResponse\x12\x34\n\x05\x66rame\x18\x01 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrame\"\xcc\x01\n\nPlanHeader\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\x0e\n\x06ratios\x18\x02 \x03(\x01\x12\x16\n\x0elossy_patterns\x18\x03 \x03(\t\x12O\n\x0emethod_options\x18\x04 \x03(\x0b\x32\x37.deltavault.compressor.v1.PlanHeader.MethodOptionsEntry\x1a\x34\n\x12MethodOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb3\x01\n\x0bPlanRequest\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.deltavault.compressor.v1.PlanHeaderH\x00\x12\x36\n\x05\x66rame\x18\x02 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrameH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.deltavault.compressor.v1.EndH\x00\x42\x06\n\x04item\"\x98\x01\n\x0cPlanEstimate\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x14\n\x0ctarget_ratio\x18\x02 \x01(\x01\x12\r\n\x05ratio\x18\x03 \x01(\x01\x12\r\n\x05nbits\x18\x04 \x01(\x04\x12/\n\x05\x65rror\x18\x05 \x01(\x0b\x32 .deltavault.common.v1.ErrorStats\x12\x13\n\x0bunavailable\x18\x06 \x01(\t\"f\n\x0cPlanResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x39\n\testimates\x18\x03 \x03(\x0b\x32&.deltavault.compressor.v1.PlanEstimate*\x8e\x01\n\nTensorRole\x12\x1b\n\x17TENSOR_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10TENSOR_ROLE_BASE\x10\x01\x12\x19\n\x15TENSOR_ROLE_FINETUNED\x10\x02\x12\x15\n\x11TENSOR_ROLE_DELTA\x10\x03\x12\x1b\n\x17TENSOR_ROLE_CALIBRATION\x10\x04*p\n\x0f\x41llocationScope\x12 \n\x1c\x41LLOCATION_SCOPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41LLOCATION_SCOPE_PER_MATRIX\x10\x01\x12\x1a\n\x16\x41LLOCATION_SCOPE_MODEL\x10\x02\x32\xbe\x02\n\nCompressor\x12\x65\n\x08\x43ompress\x12).deltavault.compressor.v1.CompressRequest\x1a*.deltavault.compressor.v1.CompressResponse(\x01\x30\x01\x12n\n\x0bReconstruct\x12,.deltavault.compressor.v1.ReconstructRequest\x1a-.deltavault.compressor.v1.ReconstructResponse(\x01\x30\x01\x12Y\n\x04Plan\x12%.deltavault.compressor.v1.PlanRequest\x1a&.deltavault.compressor.v1.PlanResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)deltavault/compressor/v1/compressor.proto\x12\x18\x64\x65ltavault.compressor.v1\x1a!deltavault/common/v1/common.proto\"\xb3\x05\n\x0e\x43ompressHeader\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05ratio\x18\x02 \x01(\x01\x12=\n\nallocation\x18\x03 \x01(\x0e\x32).deltavault.compressor.v1.AllocationScope\x12\x0b\n\x03ref\x18\x04 \x01(\t\x12\x39\n\x13\x65xpected_ref_target\x18\x05 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x11\n\tforce_ref\x18\x06 \x01(\x08\x12\x18\n\x10\x62\x61se_fingerprint\x18\x07 \x01(\t\x12\x16\n\x0elossy_patterns\x18\x08 \x03(\t\x12S\n\x0emethod_options\x18\t \x03(\x0b\x32;.deltavault.compressor.v1.CompressHeader.MethodOptionsEntry\x12\x44\n\x06labels\x18\n \x03(\x0b\x32\x34.deltavault.compressor.v1.CompressHeader.LabelsEntry\x12?\n\x10\x64igest_algorithm\x18\x0b \x01(\x0e\x32%.deltavault.common.v1.DigestAlgorithm\x12.\n\x05\x66iles\x18\x0c \x03(\x0b\x32\x1f.deltavault.common.v1.FileEntry\x12\x33\n\x07sealing\x18\r \x01(\x0b\x32\".deltavault.common.v1.ChunkSealing\x12\x10\n\x08\x64\x61ta_key\x18\x0e \x01(\x0c\x1a\x34\n\x12MethodOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x01\n\x0bTensorFrame\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04role\x18\x02 \x01(\x0e\x32$.deltavault.compressor.v1.TensorRole\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x05\n\x03\x45nd\"\xbb\x01\n\x0f\x43ompressRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.deltavault.compressor.v1.CompressHeaderH\x00\x12\x36\n\x05\x66rame\x18\x02 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrameH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.deltavault.compressor.v1.EndH\x00\x42\x06\n\x04item\"\xf9\x01\n\x0bTensorEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.deltavault.common.v1.StorageKind\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05numel\x18\x04 \x01(\x04\x12\r\n\x05nbits\x18\x05 \x01(\x04\x12\r\n\x05ratio\x18\x06 \x01(\x01\x12\x13\n\x0bpaper_ratio\x18\x07 \x01(\x01\x12/\n\x05\x65rror\x18\x08 \x01(\x0b\x32 .deltavault.common.v1.ErrorStats\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x17\n\x0fnew_chunk_bytes\x18\n \x01(\x04\"\xc7\x01\n\x0e\x43ompressResult\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x14\n\x0ctensor_count\x18\x03 \x01(\r\x12\r\n\x05ratio\x18\x04 \x01(\x01\x12\x14\n\x0c\x62ytes_stored\x18\x05 \x01(\x04\x12\x17\n\x0fnew_chunk_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x13\n\x0blossy_ratio\x18\x08 \x01(\x01\"\x8f\x01\n\x10\x43ompressResponse\x12\x37\n\x06tensor\x18\x01 \x01(\x0b\x32%.deltavault.compressor.v1.TensorEventH\x00\x12:\n\x06result\x18\x02 \x01(\x0b\x32(.deltavault.compressor.v1.CompressResultH\x00\x42\x06\n\x04item\"\xdd\x01\n\x11ReconstructHeader\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12.\n\x08manifest\x18\x02 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x10\n\x08\x61\x64\x64_base\x18\x03 \x01(\x08\x12\x11\n\tout_dtype\x18\x04 \x01(\t\x12\r\n\x05names\x18\x05 \x03(\t\x12\x10\n\x08\x62\x61se_ref\x18\x06 \x01(\t\x12\x33\n\rbase_manifest\x18\x07 \x01(\x0b\x32\x1c.deltavault.common.v1.Digest\x12\x10\n\x08\x64\x61ta_key\x18\x08 \x01(\x0c\"\xc0\x01\n\x12ReconstructRequest\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.deltavault.compressor.v1.ReconstructHeaderH\x00\x12\x35\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrameH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.deltavault.compressor.v1.EndH\x00\x42\x06\n\x04item\"K\n\x13ReconstructResponse\x12\x34\n\x05\x66rame\x18\x01 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrame\"\xcc\x01\n\nPlanHeader\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\x0e\n\x06ratios\x18\x02 \x03(\x01\x12\x16\n\x0elossy_patterns\x18\x03 \x03(\t\x12O\n\x0emethod_options\x18\x04 \x03(\x0b\x32\x37.deltavault.compressor.v1.PlanHeader.MethodOptionsEntry\x1a\x34\n\x12MethodOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb3\x01\n\x0bPlanRequest\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.deltavault.compressor.v1.PlanHeaderH\x00\x12\x36\n\x05\x66rame\x18\x02 \x01(\x0b\x32%.deltavault.compressor.v1.TensorFrameH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.deltavault.compressor.v1.EndH\x00\x42\x06\n\x04item\"\x98\x01\n\x0cPlanEstimate\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x14\n\x0ctarget_ratio\x18\x02 \x01(\x01\x12\r\n\x05ratio\x18\x03 \x01(\x01\x12\r\n\x05nbits\x18\x04 \x01(\x04\x12/\n\x05\x65rror\x18\x05 \x01(\x0b\x32 .deltavault.common.v1.ErrorStats\x12\x13\n\x0bunavailable\x18\x06 \x01(\t\"f\n\x0cPlanResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x39\n\testimates\x18\x03 \x03(\x0b\x32&.deltavault.compressor.v1.PlanEstimate*\x8e\x01\n\nTensorRole\x12\x1b\n\x17TENSOR_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10TENSOR_ROLE_BASE\x10\x01\x12\x19\n\x15TENSOR_ROLE_FINETUNED\x10\x02\x12\x15\n\x11TENSOR_ROLE_DELTA\x10\x03\x12\x1b\n\x17TENSOR_ROLE_CALIBRATION\x10\x04*p\n\x0f\x41llocationScope\x12 \n\x1c\x41LLOCATION_SCOPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41LLOCATION_SCOPE_PER_MATRIX\x10\x01\x12\x1a\n\x16\x41LLOCATION_SCOPE_MODEL\x10\x02\x32\xbe\x02\n\nCompressor\x12\x65\n\x08\x43ompress\x12).deltavault.compressor.v1.CompressRequest\x1a*.deltavault.compressor.v1.CompressResponse(\x01\x30\x01\x12n\n\x0bReconstruct\x12,.deltavault.compressor.v1.ReconstructRequest\x1a-.deltavault.compressor.v1.ReconstructResponse(\x01\x30\x01\x12Y\n\x04Plan\x12%.deltavault.compressor.v1.PlanRequest\x1a&.deltavault.compressor.v1.PlanResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,44 +38,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPRESSHEADER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_PLANHEADER_METHODOPTIONSENTRY']._loaded_options = None
   _globals['_PLANHEADER_METHODOPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_TENSORROLE']._serialized_start=2816
-  _globals['_TENSORROLE']._serialized_end=2958
-  _globals['_ALLOCATIONSCOPE']._serialized_start=2960
-  _globals['_ALLOCATIONSCOPE']._serialized_end=3072
+  _globals['_TENSORROLE']._serialized_start=2905
+  _globals['_TENSORROLE']._serialized_end=3047
+  _globals['_ALLOCATIONSCOPE']._serialized_start=3049
+  _globals['_ALLOCATIONSCOPE']._serialized_end=3161
   _globals['_COMPRESSHEADER']._serialized_start=107
-  _globals['_COMPRESSHEADER']._serialized_end=727
-  _globals['_COMPRESSHEADER_METHODOPTIONSENTRY']._serialized_start=628
-  _globals['_COMPRESSHEADER_METHODOPTIONSENTRY']._serialized_end=680
-  _globals['_COMPRESSHEADER_LABELSENTRY']._serialized_start=682
-  _globals['_COMPRESSHEADER_LABELSENTRY']._serialized_end=727
-  _globals['_TENSORFRAME']._serialized_start=730
-  _globals['_TENSORFRAME']._serialized_end=890
-  _globals['_END']._serialized_start=892
-  _globals['_END']._serialized_end=897
-  _globals['_COMPRESSREQUEST']._serialized_start=900
-  _globals['_COMPRESSREQUEST']._serialized_end=1087
-  _globals['_TENSOREVENT']._serialized_start=1090
-  _globals['_TENSOREVENT']._serialized_end=1339
-  _globals['_COMPRESSRESULT']._serialized_start=1342
-  _globals['_COMPRESSRESULT']._serialized_end=1541
-  _globals['_COMPRESSRESPONSE']._serialized_start=1544
-  _globals['_COMPRESSRESPONSE']._serialized_end=1687
-  _globals['_RECONSTRUCTHEADER']._serialized_start=1690
-  _globals['_RECONSTRUCTHEADER']._serialized_end=1893
-  _globals['_RECONSTRUCTREQUEST']._serialized_start=1896
-  _globals['_RECONSTRUCTREQUEST']._serialized_end=2088
-  _globals['_RECONSTRUCTRESPONSE']._serialized_start=2090
-  _globals['_RECONSTRUCTRESPONSE']._serialized_end=2165
-  _globals['_PLANHEADER']._serialized_start=2168
-  _globals['_PLANHEADER']._serialized_end=2372
-  _globals['_PLANHEADER_METHODOPTIONSENTRY']._serialized_start=628
-  _globals['_PLANHEADER_METHODOPTIONSENTRY']._serialized_end=680
-  _globals['_PLANREQUEST']._serialized_start=2375
-  _globals['_PLANREQUEST']._serialized_end=2554
-  _globals['_PLANESTIMATE']._serialized_start=2557
-  _globals['_PLANESTIMATE']._serialized_end=2709
-  _globals['_PLANRESPONSE']._serialized_start=2711
-  _globals['_PLANRESPONSE']._serialized_end=2813
-  _globals['_COMPRESSOR']._serialized_start=3075
-  _globals['_COMPRESSOR']._serialized_end=3393
+  _globals['_COMPRESSHEADER']._serialized_end=798
+  _globals['_COMPRESSHEADER_METHODOPTIONSENTRY']._serialized_start=699
+  _globals['_COMPRESSHEADER_METHODOPTIONSENTRY']._serialized_end=751
+  _globals['_COMPRESSHEADER_LABELSENTRY']._serialized_start=753
+  _globals['_COMPRESSHEADER_LABELSENTRY']._serialized_end=798
+  _globals['_TENSORFRAME']._serialized_start=801
+  _globals['_TENSORFRAME']._serialized_end=961
+  _globals['_END']._serialized_start=963
+  _globals['_END']._serialized_end=968
+  _globals['_COMPRESSREQUEST']._serialized_start=971
+  _globals['_COMPRESSREQUEST']._serialized_end=1158
+  _globals['_TENSOREVENT']._serialized_start=1161
+  _globals['_TENSOREVENT']._serialized_end=1410
+  _globals['_COMPRESSRESULT']._serialized_start=1413
+  _globals['_COMPRESSRESULT']._serialized_end=1612
+  _globals['_COMPRESSRESPONSE']._serialized_start=1615
+  _globals['_COMPRESSRESPONSE']._serialized_end=1758
+  _globals['_RECONSTRUCTHEADER']._serialized_start=1761
+  _globals['_RECONSTRUCTHEADER']._serialized_end=1982
+  _globals['_RECONSTRUCTREQUEST']._serialized_start=1985
+  _globals['_RECONSTRUCTREQUEST']._serialized_end=2177
+  _globals['_RECONSTRUCTRESPONSE']._serialized_start=2179
+  _globals['_RECONSTRUCTRESPONSE']._serialized_end=2254
+  _globals['_PLANHEADER']._serialized_start=2257
+  _globals['_PLANHEADER']._serialized_end=2461
+  _globals['_PLANHEADER_METHODOPTIONSENTRY']._serialized_start=699
+  _globals['_PLANHEADER_METHODOPTIONSENTRY']._serialized_end=751
+  _globals['_PLANREQUEST']._serialized_start=2464
+  _globals['_PLANREQUEST']._serialized_end=2643
+  _globals['_PLANESTIMATE']._serialized_start=2646
+  _globals['_PLANESTIMATE']._serialized_end=2798
+  _globals['_PLANRESPONSE']._serialized_start=2800
+  _globals['_PLANRESPONSE']._serialized_end=2902
+  _globals['_COMPRESSOR']._serialized_start=3164
+  _globals['_COMPRESSOR']._serialized_end=3482
 # @@protoc_insertion_point(module_scope)

@@ -126,6 +126,8 @@ class CompressHeader(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     DIGEST_ALGORITHM_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    SEALING_FIELD_NUMBER: _builtins.int
+    DATA_KEY_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """"adamix", "deltadq", "deltacome", "bitdelta", "dare", "lossless" """
     ratio: _builtins.float
@@ -136,6 +138,7 @@ class CompressHeader(_message.Message):
     force_ref: _builtins.bool
     base_fingerprint: _builtins.str
     digest_algorithm: _common_pb2.DigestAlgorithm.ValueType
+    data_key: _builtins.bytes
     @_builtins.property
     def expected_ref_target(self) -> _common_pb2.Digest:
         """CAS; unset: ref must not exist"""
@@ -152,6 +155,12 @@ class CompressHeader(_message.Message):
     def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FileEntry]:
         """Side files of the fine-tune, already uploaded to the store: the manifest names them."""
 
+    @_builtins.property
+    def sealing(self) -> _common_pb2.ChunkSealing:
+        """Seal every chunk client-side: the manifest's sealing record and the data key it wraps
+        (the compressor sees the weights anyway; the store sees neither). Both or neither.
+        """
+
     def __init__(
         self,
         *,
@@ -167,10 +176,12 @@ class CompressHeader(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         digest_algorithm: _common_pb2.DigestAlgorithm.ValueType = ...,
         files: _abc.Iterable[_common_pb2.FileEntry] | None = ...,
+        sealing: _common_pb2.ChunkSealing | None = ...,
+        data_key: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expected_ref_target", b"expected_ref_target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expected_ref_target", b"expected_ref_target", "sealing", b"sealing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "base_fingerprint", b"base_fingerprint", "digest_algorithm", b"digest_algorithm", "expected_ref_target", b"expected_ref_target", "files", b"files", "force_ref", b"force_ref", "labels", b"labels", "lossy_patterns", b"lossy_patterns", "method", b"method", "method_options", b"method_options", "ratio", b"ratio", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "base_fingerprint", b"base_fingerprint", "data_key", b"data_key", "digest_algorithm", b"digest_algorithm", "expected_ref_target", b"expected_ref_target", "files", b"files", "force_ref", b"force_ref", "labels", b"labels", "lossy_patterns", b"lossy_patterns", "method", b"method", "method_options", b"method_options", "ratio", b"ratio", "ref", b"ref", "sealing", b"sealing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,6 +408,7 @@ class ReconstructHeader(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     BASE_REF_FIELD_NUMBER: _builtins.int
     BASE_MANIFEST_FIELD_NUMBER: _builtins.int
+    DATA_KEY_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     add_base: _builtins.bool
     """if set, the client streams base frames and gets base + delta back"""
@@ -406,6 +418,8 @@ class ReconstructHeader(_message.Message):
     """The base read from a registered base (its ref or manifest digest) instead of streamed
     frames: the server sends back every tensor of the fine-tune and reads no more requests.
     """
+    data_key: _builtins.bytes
+    """The data key of a sealed delta (and of a sealed registered base: the same key)."""
     @_builtins.property
     def manifest(self) -> _common_pb2.Digest:
         """alternative to ref"""
@@ -426,10 +440,11 @@ class ReconstructHeader(_message.Message):
         names: _abc.Iterable[_builtins.str] | None = ...,
         base_ref: _builtins.str = ...,
         base_manifest: _common_pb2.Digest | None = ...,
+        data_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["base_manifest", b"base_manifest", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_base", b"add_base", "base_manifest", b"base_manifest", "base_ref", b"base_ref", "manifest", b"manifest", "names", b"names", "out_dtype", b"out_dtype", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_base", b"add_base", "base_manifest", b"base_manifest", "base_ref", b"base_ref", "data_key", b"data_key", "manifest", b"manifest", "names", b"names", "out_dtype", b"out_dtype", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

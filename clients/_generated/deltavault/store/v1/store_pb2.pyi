@@ -216,6 +216,7 @@ class CommitManifestRequest(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     EXPECTED_REF_TARGET_FIELD_NUMBER: _builtins.int
     FORCE_REF_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """If set, move this ref to the new manifest, compare-and-swap against `expected_ref_target`."""
     force_ref: _builtins.bool
@@ -226,6 +227,12 @@ class CommitManifestRequest(_message.Message):
     def expected_ref_target(self) -> _common_pb2.Digest:
         """unset: ref must not exist"""
 
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ManifestSignature]:
+        """Signatures of the manifest's digest, stored beside it (added to those it has). A store
+        configured to require them refuses a manifest without one by a trusted key.
+        """
+
     def __init__(
         self,
         *,
@@ -233,10 +240,11 @@ class CommitManifestRequest(_message.Message):
         ref: _builtins.str = ...,
         expected_ref_target: _common_pb2.Digest | None = ...,
         force_ref: _builtins.bool = ...,
+        signatures: _abc.Iterable[_common_pb2.ManifestSignature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expected_ref_target", b"expected_ref_target", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_ref_target", b"expected_ref_target", "force_ref", b"force_ref", "manifest", b"manifest", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_ref_target", b"expected_ref_target", "force_ref", b"force_ref", "manifest", b"manifest", "ref", b"ref", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,19 +306,25 @@ class GetManifestResponse(_message.Message):
 
     MANIFEST_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def manifest(self) -> _common_pb2.Manifest: ...
     @_builtins.property
     def digest(self) -> _common_pb2.Digest: ...
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ManifestSignature]:
+        """by key id"""
+
     def __init__(
         self,
         *,
         manifest: _common_pb2.Manifest | None = ...,
         digest: _common_pb2.Digest | None = ...,
+        signatures: _abc.Iterable[_common_pb2.ManifestSignature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "manifest", b"manifest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "manifest", b"manifest", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
