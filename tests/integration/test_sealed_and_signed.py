@@ -9,6 +9,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -16,8 +17,10 @@ import pytest
 import torch
 
 from clients._generated.deltavault.common.v1 import common_pb2
+from clients._generated.deltavault.compressor.v1 import compressor_pb2
 from clients._generated.deltavault.store.v1 import store_pb2
 from clients.cli import EXIT_OK, EXIT_PRECONDITION, EXIT_REFUSED, main
+from clients.compressor_client import CompressorClient
 from clients.errors import (
     DataLossError,
     PermissionDeniedError,
@@ -408,3 +411,37 @@ def test_key_rotation_keeps_every_delta_readable_without_uploading(
         for ref in [*refs, "team/three", "bases/toy"]:
             with pytest.raises(PreconditionError, match="wrapped for"):
                 old_only.reconstruct(ref, base_dir, tmp_path / "refused")
+
+
+def test_the_reconstruct_rpc_opens_a_sealed_delta_with_its_data_key(
+    store: RunningStore,
+    compressor: CompressorServer,
+    sealed_pair: tuple[Path, Path],
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    base_dir, tuned_dir = sealed_pair
+    sealing = keys.sealing()
+    with client(store, compressor, sealing=sealing) as vault:
+        vault.compress(base_dir, tuned_dir, ref="team/sealed", method="adamix", ratio=8)
+        vault.register_base(base_dir, ref="bases/sealed")
+        expected = dict(vault.deltas("team/sealed"))
+        out = vault.reconstruct("team/sealed", None, tmp_path / "out", base_ref="bases/sealed")
+    _, data_key = sealing.for_writing()
+    with CompressorClient(f"127.0.0.1:{compressor.port}") as rpc:
+        header = compressor_pb2.ReconstructHeader(ref="team/sealed", data_key=data_key)
+        deltas = dict(rpc.reconstruct(header))
+        header.base_ref = "bases/sealed"
+        rebuilt = dict(rpc.reconstruct(header))
+        for wrong in (b"", bytes(32)):
+            refused = compressor_pb2.ReconstructHeader(ref="team/sealed", data_key=wrong)
+            assert status_of(partial(rpc.reconstruct, refused)) is (
+                grpc.StatusCode.FAILED_PRECONDITION
+            )
+    assert deltas.keys() == expected.keys()
+    for name, delta in expected.items():
+        assert torch.equal(deltas[name], delta), name
+    by_sdk = Checkpoint(out)
+    assert sorted(rebuilt) == sorted(by_sdk.names())
+    for name, tensor in rebuilt.items():
+        assert torch.equal(tensor, by_sdk.get(name)), name
