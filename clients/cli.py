@@ -292,7 +292,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         client = report.get("client")
         if client:
             signer = f"signed by {client['signed_by']}" if client["signed_by"] else "unchecked"
-            sealed = ", sealed" if client["sealed"] else ""
+            sealed = ""
+            if client["sealed"]:
+                opened = client["authenticated"]
+                sealed = ", sealed: authenticated" if opened else ", sealed: ciphertext only"
             lines.append(
                 f"fetched and checked here: {client['chunks']} chunks, {client['bytes']:,} "
                 f"bytes{sealed}; signature {signer}"

@@ -68,7 +68,7 @@ from clients.safetensors_io import (
     TensorSpec,
     torch_dtype,
 )
-from clients.sealing import ChunkSealer, SealingError, SealingKeys, rewrap
+from clients.sealing import ChunkSealer, SealingError, SealingKeys, kek_id, rewrap
 from clients.side_files import upload_files, write_files
 from clients.store_client import SignedManifest, StoreClient
 from store_svc.digest import Digest
@@ -589,9 +589,14 @@ class DeltaVault(Closing):
         """The manifest ``ref`` points at (a delta's or a registered base's), checked: its
         bytes against its digest, its signature against the trusted keys (if any), and the
         KEKs against its sealing (``PreconditionError`` if it is sealed and none opens it)."""
-        signed = self.store.get_signed_manifest(self.store.resolve_ref(ref))
-        signer = self._check_provenance(ref, signed)
+        signed, signer = self._signed(ref)
         return OpenedManifest(ref, signed, self._opening(ref, signed.manifest), signer)
+
+    def _signed(self, ref: str) -> tuple[SignedManifest, str | None]:
+        """The manifest ``ref`` names, checked against its digest and, when this client
+        trusts keys, its signature; with the trusted signer's key id."""
+        signed = self.store.get_signed_manifest(self.store.resolve_ref(ref))
+        return signed, self._check_provenance(ref, signed)
 
     def _check_provenance(self, ref: str, signed: SignedManifest) -> str | None:
         """The trusted signer's key id; ``PermissionDeniedError`` for a missing, bad or
@@ -622,9 +627,9 @@ class DeltaVault(Closing):
             raise PreconditionError(f"{ref}: {exc}", grpc.StatusCode.FAILED_PRECONDITION) from None
 
     def manifest(self, ref: str) -> common_pb2.Manifest:
-        """The manifest ``ref`` points at: a delta's or a registered base's, checked as
-        :meth:`open` checks it."""
-        return self.open(ref).manifest
+        """The manifest ``ref`` points at: a delta's or a registered base's, checked against
+        its digest and signature as :meth:`open` checks it (no KEK needed: it is metadata)."""
+        return self._signed(ref)[0].manifest
 
     def open_delta(self, ref: str) -> OpenedManifest:
         """:meth:`open` for a delta; ValueError if ``ref`` is a registered base."""
@@ -646,17 +651,21 @@ class DeltaVault(Closing):
 
     def check(self, ref: str) -> dict[str, Any]:
         """Fetch every chunk of ``ref``'s manifest and check it here (digest, size and, for a
-        sealed manifest, authentication), after the checks of :meth:`open`; nothing is
-        kept. ``DataLossError`` at the first bad chunk."""
-        opened = self.open(ref)
-        refs = list(chunk_refs(opened.manifest))
-        checked = opened.store.check_chunks(refs)
+        sealed manifest opened with this client's KEKs, authentication), after the checks
+        of :meth:`open`; nothing is kept. ``DataLossError`` at the first bad chunk."""
+        signed, signer = self._signed(ref)
+        sealed = signed.manifest.HasField("sealing")
+        # Without a KEK a sealed manifest's chunks are still checked: as ciphertext.
+        reader = self._opening(ref, signed.manifest) if self.sealing else self.store
+        refs = list(chunk_refs(signed.manifest))
+        checked = reader.check_chunks(refs)
         return {
             "ref": ref,
-            "manifest": str(opened.signed.digest),
-            "signed_by": opened.signer or "",
-            "signatures": [s.key_id for s in opened.signed.signatures],
-            "sealed": opened.manifest.HasField("sealing"),
+            "manifest": str(signed.digest),
+            "signed_by": signer or "",
+            "signatures": [s.key_id for s in signed.signatures],
+            "sealed": sealed,
+            "authenticated": sealed and reader.sealer is not None,
             "chunks": len(refs),
             "bytes": checked,
         }
@@ -843,7 +852,9 @@ class DeltaVault(Closing):
         for ref, digest in list(self.store.list_refs(prefix)):
             signed = self.store.get_signed_manifest(digest)
             self._check_provenance(ref, signed)
-            if not signed.manifest.HasField("sealing"):
+            if not signed.manifest.HasField("sealing") or _rotated(
+                signed.manifest.sealing, new_kek, keep_old
+            ):
                 continue
             manifest = common_pb2.Manifest()
             manifest.CopyFrom(signed.manifest)
@@ -885,6 +896,13 @@ class DeltaVault(Closing):
             for d in response.damaged
         ]
         return report
+
+
+def _rotated(record: common_pb2.ChunkSealing, new_kek: bytes, keep_old: bool) -> bool:
+    """Whether a rotation to ``new_kek`` has nothing left to do for ``record`` (a rotation
+    interrupted halfway is finished by running it again)."""
+    wrapped_for = {wrapped.kek_id for wrapped in record.wrapped_keys}
+    return kek_id(new_kek) in wrapped_for and (keep_old or len(wrapped_for) == 1)
 
 
 def _as_dict(message: Message) -> dict[str, Any]:
