@@ -28,6 +28,16 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, default=-1, help="Prometheus /metrics of both (-1: none)"
     )
     p.add_argument("--log-level", default="WARNING", help="logging level")
+    p.add_argument(
+        "--store-trusted-keys",
+        type=Path,
+        help="the store refuses manifests signed by keys outside this folder of *.pub files",
+    )
+    p.add_argument(
+        "--require-signatures",
+        action="store_true",
+        help="the store refuses unsigned manifests (sign with --signing-key)",
+    )
     add_server_flags(p, with_store=False)
 
 
@@ -36,7 +46,14 @@ def serve_embedded(args: argparse.Namespace) -> None:
     configure_logging(args.log_level)
     args.root.mkdir(parents=True, exist_ok=True)
     store = build_store(
-        StoreConfig(root=args.root, host=args.host, port=args.store_port, metrics_port=-1)
+        StoreConfig(
+            root=args.root,
+            host=args.host,
+            port=args.store_port,
+            metrics_port=-1,
+            trusted_keys=args.store_trusted_keys,
+            require_signatures=args.require_signatures,
+        )
     )
     store.start()
     config = config_from_args(

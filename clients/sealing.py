@@ -78,6 +78,7 @@ class ChunkSealer:
 
     def seal(self, plain: bytes | memoryview) -> memoryview:
         """``nonce || ciphertext || tag`` of ``plain``: the same for the same bytes."""
+        plain = memoryview(plain).cast("B")
         nonce = blake3.blake3(plain, key=self._nonce_key).digest(length=NONCE_BYTES)
         sealed = bytearray(len(plain) + OVERHEAD)
         sealed[:NONCE_BYTES] = nonce
@@ -125,6 +126,7 @@ def unwrap(record: common_pb2.ChunkSealing, keks: Iterable[bytes]) -> bytes:
     if record.scheme != SCHEME:
         raise SealingError(f"unknown sealing scheme {record.scheme!r}; this client has {SCHEME}")
     by_id = {kek_id(kek): kek for kek in keks}
+    problems = []
     for wrapped in record.wrapped_keys:
         kek = by_id.get(wrapped.kek_id)
         if kek is None or wrapped.algorithm != WRAP_ALGORITHM:
@@ -132,14 +134,14 @@ def unwrap(record: common_pb2.ChunkSealing, keks: Iterable[bytes]) -> bytes:
         try:
             data_key = aes_key_unwrap(kek, wrapped.wrapped)
         except InvalidUnwrap:
-            raise SealingError(
-                f"data key {record.data_key_id}: its wrapping under {wrapped.kek_id} is damaged"
-            ) from None
+            problems.append(f"its wrapping under {wrapped.kek_id} is damaged")
+            continue
         if data_key_id(data_key) != record.data_key_id:
-            raise SealingError(
-                f"the key wrapped under {wrapped.kek_id} is not data key {record.data_key_id}"
-            )
+            problems.append(f"the key wrapped under {wrapped.kek_id} is another data key")
+            continue
         return data_key
+    if problems:  # a usable wrapping, had it not been damaged: say so, not "no KEK"
+        raise SealingError(f"data key {record.data_key_id}: {'; '.join(problems)}")
     wanted = ", ".join(w.kek_id for w in record.wrapped_keys) or "none"
     given = ", ".join(by_id) or "none"
     raise SealingError(
@@ -163,9 +165,11 @@ def rewrap(
 
 def load_keyring(path: Path | str) -> common_pb2.ChunkSealing:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode()
     except OSError as exc:
         raise SealingError(f"cannot read keyring {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SealingError(f"keyring {path} is not a deltavault keyring: not text") from None
     try:
         record = json_format.Parse(text, common_pb2.ChunkSealing())
     except json_format.ParseError as exc:

@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from store_svc.cas import CompressionPolicy
-from store_svc.config import BackendKind, S3Settings, StoreConfig
+from store_svc.config import (
+    BackendKind,
+    S3Settings,
+    ServerSideEncryption,
+    SseMode,
+    StoreConfig,
+)
 from store_svc.server import serve
 from store_svc.serving import (
     add_limit_flags,
@@ -59,6 +65,42 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=_env("secure", "") == "true",
         help="HTTPS to the S3 endpoint",
+    )
+    p.add_argument(
+        "--s3-ca-file",
+        type=Path,
+        default=_env("s3-ca-file", None),
+        help="PEM CA bundle to trust for HTTPS to the S3 endpoint (a private CA; default: "
+        "the system's)",
+    )
+    p.add_argument(
+        "--sse",
+        choices=[m.value for m in SseMode],
+        default=_env("sse", SseMode.NONE.value),
+        help="encryption at rest: none (default); s3 = SSE-S3, the S3 server encrypts with "
+        "keys it manages (s3 backend only; MinIO needs a KMS); c = SSE-C with the key in "
+        "--sse-key-file (on S3 the server encrypts with it and needs --secure; on the local "
+        "backend the store encrypts every file with AES-256-GCM)",
+    )
+    p.add_argument(
+        "--sse-key-file",
+        type=Path,
+        default=_env("sse-key-file", None),
+        help="file holding the SSE-C key: 32 raw bytes, 64 hex digits or base64 (say, a "
+        "mounted Secret); objects written under one key cannot be read under another",
+    )
+    p.add_argument(
+        "--trusted-keys",
+        type=Path,
+        default=_env("trusted-keys", None),
+        help="folder of Ed25519 *.pub keys: refuse manifests signed by any other key "
+        "(deltavault keys generate)",
+    )
+    p.add_argument(
+        "--require-signatures",
+        action="store_true",
+        default=_env("require-signatures", "") == "true",
+        help="refuse unsigned manifests (signed by a --trusted-keys key, when given)",
     )
     p.add_argument(
         "--prefix",
@@ -158,8 +200,9 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
             region=args.region,
             prefix=args.prefix,
             create_bucket=not args.no_create_bucket,
+            ca_file=args.s3_ca_file,
         )
-    return StoreConfig(
+    config = StoreConfig(
         backend=BackendKind(args.backend),
         root=args.root,
         s3=s3,
@@ -178,7 +221,14 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
         health_port=int(args.health_port),
         auth_tokens=args.auth_tokens,
         limits=limits_from_args(args),
+        encryption=ServerSideEncryption(SseMode(args.sse), args.sse_key_file),
+        trusted_keys=args.trusted_keys,
+        require_signatures=args.require_signatures,
     )
+    if config.encryption.mode is SseMode.C:
+        config.encryption.key()  # a bad key file is a usage error, before anything starts
+    config.signature_policy()  # so is an unusable trusted keys folder
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from clients._generated.deltavault.store.v1 import store_pb2
 from store_svc.auth import open_tokens
 from store_svc.backends.base import Backend
 from store_svc.backends.instrumented import InstrumentedBackend
-from store_svc.config import BackendKind, StoreConfig
+from store_svc.config import BackendKind, SseMode, StoreConfig
 from store_svc.interceptors import CallInterceptor
 from store_svc.limits import Admission
 from store_svc.metrics import StoreMetrics
@@ -36,14 +36,29 @@ SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["DeltaStore"].full_name
 
 
 def open_backend(config: StoreConfig) -> Backend:
-    """The backend the configuration names (S3 creates its bucket if allowed)."""
+    """The backend the configuration names (S3 creates its bucket if allowed), encrypting
+    at rest as ``config.encryption`` says: SSE-S3 and SSE-C are the S3 server's work; a
+    local store with SSE-C seals every file itself (``EncryptedBackend``)."""
+    encryption = config.encryption
     if config.backend is BackendKind.LOCAL:
         from store_svc.backends.local import LocalBackend  # noqa: PLC0415
 
         assert config.root is not None  # checked by StoreConfig
-        return LocalBackend(config.root)
+        local = LocalBackend(config.root)
+        if encryption.mode is SseMode.C:
+            from store_svc.backends.encrypted import EncryptedBackend  # noqa: PLC0415
+
+            return EncryptedBackend(local, encryption.key())
+        return local  # SSE-S3 on a local store is refused by StoreConfig
+    from minio.sse import Sse, SseCustomerKey, SseS3  # noqa: PLC0415
+
     from store_svc.backends.s3 import S3Backend  # noqa: PLC0415
 
+    sse: Sse | None = None
+    if encryption.mode is SseMode.S3:
+        sse = SseS3()
+    elif encryption.mode is SseMode.C:
+        sse = SseCustomerKey(encryption.key())
     s3 = config.s3
     assert s3 is not None  # checked by StoreConfig
     return S3Backend(
@@ -55,6 +70,8 @@ def open_backend(config: StoreConfig) -> Backend:
         region=s3.region,
         create_bucket=s3.create_bucket,
         prefix=s3.prefix,
+        sse=sse,
+        ca_file=s3.ca_file,
     )
 
 
@@ -94,7 +111,10 @@ def build_server(config: StoreConfig, backend: Backend | None = None) -> StoreSe
     metrics = StoreMetrics()
     backend = InstrumentedBackend(backend or open_backend(config), metrics)
     repo = Repository(
-        backend, max_chunk_bytes=config.max_chunk_bytes, compression=config.compression
+        backend,
+        max_chunk_bytes=config.max_chunk_bytes,
+        compression=config.compression,
+        signature_policy=config.signature_policy(),
     )
 
     def observe(method: str, code: grpc.StatusCode, seconds: float) -> None:

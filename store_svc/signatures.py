@@ -75,6 +75,11 @@ class Signer:
             raise SignatureError(f"cannot read signing key {path}: {exc.strerror}") from None
         except ValueError as exc:
             raise SignatureError(f"{path} is not a PEM private key: {exc}") from None
+        except TypeError:  # cryptography's answer to a passphrase-protected key
+            raise SignatureError(
+                f"{path} is passphrase-protected: signing keys are unencrypted PEM; protect "
+                "the file (mode 0600, a mounted Secret) instead"
+            ) from None
         if not isinstance(key, Ed25519PrivateKey):
             raise SignatureError(f"{path} is not an Ed25519 private key")
         return cls(key)
@@ -131,6 +136,8 @@ class TrustedKeys:
         for path in sorted(folder.glob(f"*{PUBLIC_SUFFIX}")):
             try:
                 key = serialization.load_pem_public_key(path.read_bytes())
+            except OSError as exc:
+                raise SignatureError(f"cannot read trusted key {path}: {exc.strerror}") from None
             except ValueError as exc:
                 raise SignatureError(f"{path} is not a PEM public key: {exc}") from None
             if not isinstance(key, Ed25519PublicKey):

@@ -14,16 +14,26 @@ reached the server (connect errors) or is a read (GET, HEAD). Re-sending a condi
 whose first attempt the server applied would answer 412, and this call would report
 "already existed" for an object it created. Other failures surface as
 ``BackendUnavailable`` for the caller to retry knowingly.
+
+Server-side encryption (``sse``): SSE-S3 (``SseS3``) adds its header to writes only; the
+server decrypts reads by itself. SSE-C (``SseCustomerKey``) sends the key with every
+write, read and stat, and the server keeps only a hash of it: an object is unreadable, also
+through the S3 API, without the key. minio 7.2.20 does not itself refuse SSE-C over plain
+HTTP (its ``Sse.tls_required`` is never consulted), but MinIO and AWS do, and the key
+would cross the network in the clear: ``StoreConfig`` requires ``secure`` with it.
+Listing needs no key, so keys, sizes and times stay visible to anyone who may list.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.sse import Sse, SseCustomerKey
 
 from store_svc.backends.base import (
     BackendError,
@@ -49,9 +59,9 @@ _CONNECT_RETRIES = 1
 _POOL_SIZE = 64
 
 
-def _http_client(secure: bool) -> urllib3.PoolManager:
+def _http_client(secure: bool, ca_file: Path | None = None) -> urllib3.PoolManager:
     """Bounded timeouts and few retries: a dead endpoint fails within ~10 s, a refused
-    connection at once."""
+    connection at once. ``ca_file``: trust only the CAs it holds (else the system's)."""
     return urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT, read=_READ_TIMEOUT),
         retries=urllib3.Retry(
@@ -66,11 +76,13 @@ def _http_client(secure: bool) -> urllib3.PoolManager:
         ),
         maxsize=_POOL_SIZE,
         cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
+        ca_certs=str(ca_file) if secure and ca_file is not None else None,
     )
 
 
 class S3Backend:
-    """Objects in one bucket, under ``prefix`` (so several stores can share a bucket)."""
+    """Objects in one bucket, under ``prefix`` (so several stores can share a bucket),
+    encrypted by the server as ``sse`` says (None: as the bucket's default does)."""
 
     def __init__(
         self,
@@ -83,13 +95,18 @@ class S3Backend:
         region: str | None = None,
         create_bucket: bool = True,
         prefix: str = "",
+        sse: Sse | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         if prefix:
             check_key(prefix.rstrip("/"))
             prefix = prefix.rstrip("/") + "/"
         self._bucket = bucket
         self._prefix = prefix
-        self._http = _http_client(secure)
+        self._put_headers = {"If-None-Match": "*", **(sse.headers() if sse else {})}
+        # Reads and stats carry only a customer key: AWS refuses SSE-S3 headers on them.
+        self._ssec = sse if isinstance(sse, SseCustomerKey) else None
+        self._http = _http_client(secure, ca_file)
         self._client = Minio(
             endpoint,
             access_key,
@@ -107,7 +124,7 @@ class S3Backend:
         def put() -> bool:
             try:
                 self._client._put_object(  # private: see the module docstring
-                    self._bucket, name, data, headers={"If-None-Match": "*"}
+                    self._bucket, name, data, headers=dict(self._put_headers)
                 )
             except S3Error as exc:
                 if exc.code in _RACE_LOST_CODES:
@@ -121,18 +138,20 @@ class S3Backend:
         name = self._name(key)
 
         def read() -> bytes:
-            response = self._client.get_object(self._bucket, name)
+            response = self._client.get_object(self._bucket, name, ssec=self._ssec)
             try:
                 return bytes(response.read())
             finally:
                 response.close()
                 response.release_conn()
 
-        return self._call(read, key)
+        return self._read(read, key)
 
     def stat(self, key: str) -> ObjectInfo:
         name = self._name(key)
-        result = self._call(lambda: self._client.stat_object(self._bucket, name), key)
+        result = self._read(
+            lambda: self._client.stat_object(self._bucket, name, ssec=self._ssec), key
+        )
         modified = result.last_modified.timestamp() if result.last_modified else 0.0
         return ObjectInfo(key, int(result.size or 0), modified)
 
@@ -177,6 +196,20 @@ class S3Backend:
                     raise
 
         self._call(ensure, f"bucket {self._bucket}")
+
+    def _read(self, fn: Callable[[], T], key: str) -> T:
+        """``_call`` for a read or stat, naming the likely cause when SSE-C is on."""
+        try:
+            return self._call(fn, key)
+        except (ObjectNotFound, BackendUnavailable):
+            raise
+        except BackendError as exc:
+            if self._ssec is None:
+                raise
+            raise BackendError(
+                f"{exc} (with SSE-C on, an object written under another key, or without "
+                "SSE-C, cannot be read)"
+            ) from exc
 
     def _name(self, key: str) -> str:
         return self._prefix + check_key(key)

@@ -35,13 +35,15 @@ from store_svc.backends.base import Backend
 from store_svc.cas import chunk_key
 from store_svc.digest import Digest
 from store_svc.manifests import chunk_refs
-from store_svc.signatures import SignaturePolicy, Signer, TrustedKeys, generate_key_pair
+from store_svc.signatures import Signer, TrustedKeys, generate_key_pair
 from tests.integration.conftest import (
     RunningStore,
     finetune_of,
     model_tensors,
     start_compressor,
+    start_store,
     status_of,
+    stop_store,
 )
 from tests.support.checkpoints import write_checkpoint
 
@@ -300,43 +302,42 @@ def test_an_unsigned_manifest_is_refused_by_a_reader_that_trusts_keys(
     assert report["client"]["chunks"] == report["chunks_checked"]
 
 
-def test_a_store_that_trusts_keys_refuses_unsigned_and_unknown_signers(
-    store: RunningStore,
-    signing_compressor: CompressorServer,
-    compressor: CompressorServer,
-    sealed_pair: tuple[Path, Path],
-    keys: Keys,
-) -> None:
-    store.server.repo.signature_policy = SignaturePolicy(
-        TrustedKeys.load(keys.trusted), required=True
+@pytest.fixture
+def strict_store(backend: Backend, keys: Keys, tmp_path: Path) -> Iterator[RunningStore]:
+    """A store started with --trusted-keys (the producer's) and --require-signatures."""
+    running = start_store(
+        backend, tmp_path / "strict", trusted_keys=keys.trusted, require_signatures=True
     )
-    base_dir, tuned_dir = sealed_pair
-    with client(store, compressor) as unsigned:
-        assert (
-            status_of(
-                lambda: unsigned.compress(
-                    base_dir, tuned_dir, ref="team/x", method="adamix", ratio=8
-                )
+    yield running
+    stop_store(running)
+
+
+def test_a_store_that_trusts_keys_refuses_unsigned_and_unknown_signers(
+    strict_store: RunningStore, sealed_pair: tuple[Path, Path], keys: Keys
+) -> None:
+    store, base_dir, tuned_dir = strict_store, *sealed_pair
+    plain = start_compressor(store.target)
+    signing = start_compressor(store.target, signing_key=keys.folder / "producer/producer.key")
+    try:
+        with client(store, plain) as unsigned:
+            refused = partial(
+                unsigned.compress, base_dir, tuned_dir, ref="team/x", method="adamix", ratio=8
             )
-            is grpc.StatusCode.FAILED_PRECONDITION
-        )
-    with client(store, signing_compressor) as vault:
-        vault.compress(base_dir, tuned_dir, ref="team/x", method="adamix", ratio=8)
-        manifest = vault.manifest("team/x")
+            assert status_of(refused) is grpc.StatusCode.FAILED_PRECONDITION
+        with client(store, signing) as vault:
+            vault.compress(base_dir, tuned_dir, ref="team/x", method="adamix", ratio=8)
+            manifest = vault.manifest("team/x")
+    finally:
+        plain.stop(grace=0)
+        signing.stop(grace=0)
     stranger = resigned_by_stranger(manifest, keys.folder)
     with pytest.raises(PermissionDeniedError, match="not among"):
         store.client.commit_manifest(manifest, signer=stranger)
     # The producer's signature of another manifest, sent with this one.
     borrowed = keys.producer.sign(Digest.of(b"another manifest"))
     request = store_pb2.CommitManifestRequest(manifest=manifest, signatures=[borrowed])
-    assert (
-        status_of(
-            lambda: store.client._call(
-                lambda: store.client._stub.CommitManifest(request, timeout=10)
-            )
-        )
-        is grpc.StatusCode.INVALID_ARGUMENT
-    )
+    commit = partial(store.client._stub.CommitManifest, request, timeout=10)
+    assert status_of(partial(store.client._call, commit)) is grpc.StatusCode.INVALID_ARGUMENT
 
 
 # --- the right base --------------------------------------------------------------------

@@ -7,6 +7,10 @@ a signed request, and stops it on exit. Set ``DELTAVAULT_TEST_S3_ENDPOINT`` (plu
 ``..._ACCESS_KEY`` and ``..._SECRET_KEY``) to use an S3 server of your own, e.g. a MinIO,
 instead.
 
+``tls=(cert, key)`` also serves HTTPS with that PEM certificate on ``https_endpoint``
+(``-s3.port.https``), beside the plain HTTP endpoint the readiness probe and ``client``
+keep using: SSE-C needs HTTPS on MinIO and AWS (SeaweedFS 4.48 accepts it on either).
+
 Fault tests take the server down and bring it back: ``halt`` ends the process (politely,
 or with ``kill=True`` as a crash) but keeps its ports, data folder and configuration, so
 the next ``start`` serves the same endpoint with the same buckets and objects.
@@ -18,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -69,6 +74,7 @@ class SeaweedS3:
 
     ``use_external=False`` starts a SeaweedFS of its own even when
     ``DELTAVAULT_TEST_S3_ENDPOINT`` is set: a server someone else runs cannot be halted.
+    ``tls`` implies it.
     """
 
     def __init__(
@@ -77,12 +83,18 @@ class SeaweedS3:
         secret_key: str = "not-a-secret-42",
         *,
         use_external: bool = True,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        # A server configured with a certificate must be one of our own.
+        use_external = use_external and tls is None
         external = os.environ.get("DELTAVAULT_TEST_S3_ENDPOINT") if use_external else None
         self.external = external is not None
         self.endpoint = external or ""
         self.access_key = os.environ.get("DELTAVAULT_TEST_S3_ACCESS_KEY", access_key)
         self.secret_key = os.environ.get("DELTAVAULT_TEST_S3_SECRET_KEY", secret_key)
+        self.https_endpoint = ""
+        """host:port of the HTTPS listener, with ``tls`` once started; else empty."""
+        self._tls = tls
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._ports: dict[str, int] = {}
@@ -108,6 +120,12 @@ class SeaweedS3:
             secure=False,
             http_client=http_client,
         )
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The folder the server keeps its volumes and metadata in (None when external or
+        stopped): what someone with the server's disks, but no S3 credentials, can read."""
+        return None if self._dir is None else self._dir / "data"
 
     @property
     def log_tail(self) -> str:
@@ -172,14 +190,18 @@ class SeaweedS3:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         self._ports = {}
+        self.https_endpoint = ""
 
     def _prepare(self) -> Path:
         """A new folder with the configuration and an empty data folder; ports chosen."""
         folder = Path(tempfile.mkdtemp(prefix="deltavault-s3-"))
         (folder / "data").mkdir()
         (folder / "s3.json").write_text(json.dumps({"identities": [self._identity()]}))
-        self._ports = {flag: free_port() for flag in _PORT_FLAGS}
+        flags = _PORT_FLAGS + (("s3.port.https",) if self._tls else ())
+        self._ports = {flag: free_port() for flag in flags}
         self.endpoint = f"127.0.0.1:{self._ports['s3.port']}"
+        if self._tls:
+            self.https_endpoint = f"127.0.0.1:{self._ports['s3.port.https']}"
         return folder
 
     def _argv(self, folder: Path) -> list[str]:
@@ -200,6 +222,11 @@ class SeaweedS3:
             "-s3.allowDeleteBucketNotEmpty=false",
             "-s3.autoCreateBucket=false",
             *(f"-{flag}={port}" for flag, port in self._ports.items()),
+            *(
+                (f"-s3.cert.file={self._tls[0]}", f"-s3.key.file={self._tls[1]}")
+                if self._tls
+                else ()
+            ),
         ]
 
     def _identity(self) -> dict[str, object]:
@@ -222,6 +249,8 @@ class SeaweedS3:
                     break
                 try:
                     client.list_buckets()  # signed: proves the S3 API and the identity are up
+                    if self._tls:
+                        socket.create_connection(self._https_address, timeout=1.0).close()
                     if volumes == 0 or self._volumes_known(probe) >= volumes:
                         return
                 except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError):
@@ -232,6 +261,10 @@ class SeaweedS3:
         tail = self.log_tail
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 did not start at {self.endpoint}; its log ends:\n{tail}")
+
+    @property
+    def _https_address(self) -> tuple[str, int]:
+        return "127.0.0.1", self._ports["s3.port.https"]
 
     def _volumes_known(self, http: urllib3.PoolManager) -> int:
         """How many volumes the master knows its volume server holds. After a restart it

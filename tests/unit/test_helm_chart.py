@@ -16,7 +16,7 @@ import yaml
 from compressor_svc import __main__ as compressor_main
 from compressor_svc.config import CompressorConfig
 from store_svc import __main__ as store_main
-from store_svc.config import StoreConfig
+from store_svc.config import ServerSideEncryption, SseMode, StoreConfig
 from store_svc.limits import Limits
 from store_svc.serving import limits_from_args
 
@@ -97,6 +97,26 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
         {"s3": {"endpoint": "https://s3.example.com"}},
         {"tls": {"enabled": True}},
         {"auth": {"enabled": True}},
+        {"store": {"encryption": {"mode": "kms"}}},
+        {
+            "store": {"encryption": {"mode": "c"}},
+            "minio": {"enabled": False},
+            "s3": {
+                "endpoint": "s3.example.com:443",
+                "existingSecret": "deltavault-s3",
+                "tls": {"enabled": True},
+            },
+        },
+        {
+            "store": {"encryption": {"mode": "c", "existingSecret": "deltavault-sse"}},
+            "minio": {"enabled": False},
+            "s3": {"endpoint": "s3.example.com:443", "existingSecret": "deltavault-s3"},
+        },
+        {
+            "store": {"encryption": {"mode": "c", "existingSecret": "deltavault-sse"}},
+            "s3": {"tls": {"enabled": True}},
+        },
+        {"store": {"encryption": {"mode": "s3"}}},
         {"unknown": True},
     ],
     ids=[
@@ -108,6 +128,11 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
         "scheme",
         "tls-without-secret",
         "auth-without-secret",
+        "sse-mode",
+        "sse-c-without-secret",
+        "sse-c-without-https",
+        "sse-c-on-bundled-minio",
+        "sse-s3-on-bundled-minio",
         "unknown",
     ],
 )
@@ -217,6 +242,56 @@ def test_s3_tls_trusts_the_ca_from_its_secret() -> None:
         "spec"
     ]["volumes"]
     assert {"name": "s3-ca", "secret": {"secretName": "internal-ca"}} in volumes
+
+
+def _store_pod(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    pod: dict[str, Any] = _find(manifests, "Deployment", f"{RELEASE}-deltavault-store")["spec"][
+        "template"
+    ]["spec"]
+    return pod
+
+
+def test_sse_c_mounts_only_the_key_read_only_and_passes_its_flags() -> None:
+    manifests = render(_values(CHART / "ci" / "sse-c.yaml"))
+    container = _container(manifests, "store")
+    env = _env(container)
+    assert env["DELTAVAULT_STORE_SSE"] == "c"
+    key_file = Path(env["DELTAVAULT_STORE_SSE_KEY_FILE"])
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "sse-key"]
+    assert mount["readOnly"] is True
+    assert key_file.parent == Path(mount["mountPath"])
+    (volume,) = [v for v in _store_pod(manifests)["volumes"] if v["name"] == "sse-key"]
+    assert volume["secret"] == {
+        "secretName": "deltavault-sse",
+        "defaultMode": 0o440,
+        "items": [{"key": "store.key", "path": key_file.name}],
+    }
+    # The key goes to the store alone, never to the compressor.
+    assert not [
+        v
+        for v in _container(manifests, "compressor").get("volumeMounts", [])
+        if v["name"] == "sse-key"
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            if isinstance(value, str) and name.startswith("DELTAVAULT_STORE_SSE"):
+                patch.setenv(name, value)
+        args = store_main.build_parser().parse_args(["--root", "unused"])
+    assert ServerSideEncryption(SseMode(args.sse), args.sse_key_file) == ServerSideEncryption(
+        SseMode.C, key_file
+    )
+
+
+@pytest.mark.parametrize("mode", ["none", "s3"])
+def test_sse_without_a_customer_key_mounts_nothing(mode: str) -> None:
+    values = _values(CHART / "ci" / "external-s3.yaml")
+    values["store"] = {"encryption": {"mode": mode}}
+    helm_python.Chart.load(str(CHART)).validate_schema(values)
+    manifests = render(values)
+    env = _env(_container(manifests, "store"))
+    assert env["DELTAVAULT_STORE_SSE"] == mode
+    assert "DELTAVAULT_STORE_SSE_KEY_FILE" not in env
+    assert "sse-key" not in {v["name"] for v in _store_pod(manifests)["volumes"]}
 
 
 def test_tls_serves_the_secrets_files_and_probes_the_health_port() -> None:

@@ -1,4 +1,5 @@
-"""One contract, every backend: the local folder and a real S3 server on loopback.
+"""One contract, every backend: the local folder, a real S3 server on loopback, and the
+encryption-at-rest wrapper over each (``store_svc.backends.encrypted``).
 
 Backend-specific behaviour (error classification, shared buckets, crash leftovers) is
 tested after the shared suite.
@@ -19,6 +20,7 @@ from typing import ClassVar
 import pytest
 
 from store_svc.backends.base import Backend, BackendError, BackendUnavailable, ObjectNotFound
+from store_svc.backends.encrypted import EncryptedBackend
 from store_svc.backends.local import LocalBackend
 from store_svc.backends.s3 import S3Backend
 from tests.support.children import free_port
@@ -33,6 +35,22 @@ TRICKY_KEYS = ["a-b", "a.b", "a/b", "a/b-c", "a/b.c", "a/bc/d", "a0", "ab", "b/a
 
 def keys(backend: Backend, prefix: str) -> list[str]:
     return [info.key for info in backend.list(prefix)]
+
+
+@pytest.fixture(
+    params=[
+        "local",
+        pytest.param("s3", marks=pytest.mark.s3),
+        "encrypted-local",
+        pytest.param("encrypted-s3", marks=pytest.mark.s3),
+    ]
+)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The shared suite runs on each backend, and on each sealed by ``EncryptedBackend``
+    (this overrides the conftest fixture of the same name for this module only)."""
+    kind = str(request.param)
+    inner: Backend = request.getfixturevalue(f"{kind.removeprefix('encrypted-')}_backend")
+    return EncryptedBackend(inner, os.urandom(32)) if kind.startswith("encrypted-") else inner
 
 
 # --- the shared contract --------------------------------------------------------------------
