@@ -35,7 +35,7 @@ from store_svc.backends.base import Backend
 from store_svc.cas import chunk_key
 from store_svc.digest import Digest
 from store_svc.manifests import chunk_refs
-from store_svc.signatures import Signer, TrustedKeys, generate_key_pair
+from store_svc.signatures import Signer, TrustedKeys, generate_key_pair, signature_key
 from tests.integration.conftest import (
     RunningStore,
     finetune_of,
@@ -279,6 +279,30 @@ def test_a_manifest_resigned_by_an_unknown_key_is_refused_by_readers(
     argv = ["verify", "team/signed", "--store", store.target, "--trusted-keys", str(keys.trusted)]
     assert main(argv) == EXIT_REFUSED
     assert stranger.key_id in capsys.readouterr().err
+
+
+def test_a_bad_signature_served_by_the_store_fails_with_a_clear_message(
+    store: RunningStore,
+    signing_compressor: CompressorServer,
+    sealed_pair: tuple[Path, Path],
+    keys: Keys,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The store checks signatures on commit; a reader does not rely on that: a signature
+    swapped in the bucket (the producer's, of another manifest) is caught by the reader."""
+    base_dir, tuned_dir = sealed_pair
+    with client(store, signing_compressor) as vault:
+        report = vault.compress(base_dir, tuned_dir, ref="team/m", method="adamix", ratio=8)
+    digest = Digest.parse(report.manifest)
+    key = signature_key(digest, keys.producer.key_id)
+    store.backend.delete(key)
+    swapped = keys.producer.sign(Digest.of(b"another manifest"))
+    store.backend.put_if_absent(key, swapped.SerializeToString())
+    argv = ["reconstruct", "team/m", "--base", str(base_dir), "--out", str(keys.folder / "out")]
+    argv += ["--store", store.target, "--trusted-keys", str(keys.trusted)]
+    assert main(argv) == EXIT_REFUSED
+    assert f"the signature by {keys.producer.key_id} does not verify" in capsys.readouterr().err
+    assert not (keys.folder / "out").exists()
 
 
 def test_an_unsigned_manifest_is_refused_by_a_reader_that_trusts_keys(
