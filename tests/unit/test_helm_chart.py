@@ -19,6 +19,7 @@ from store_svc import __main__ as store_main
 from store_svc.config import ServerSideEncryption, SseMode, StoreConfig
 from store_svc.limits import Limits
 from store_svc.serving import limits_from_args
+from store_svc.signatures import Signer, TrustedKeys, generate_key_pair
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "deltavault"
 SCENARIOS = sorted((CHART / "ci").glob("*.yaml"))
@@ -117,6 +118,15 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
             "s3": {"tls": {"enabled": True}},
         },
         {"store": {"encryption": {"mode": "s3"}}},
+        {"store": {"signatures": {"require": "true"}}},
+        {"store": {"signatures": {"trustedKeys": "deltavault-trusted-keys"}}},
+        {"store": {"signatures": {"trustedKeys": {"existingConfigMap": ["a", "b"]}}}},
+        {"store": {"signatures": {"trustedKeys": {"existingConfigMap": "Trusted_Keys"}}}},
+        {"store": {"signatures": {"trusted": True}}},
+        {"compressor": {"signing": {"existingSecret": True}}},
+        {"compressor": {"signing": {"existingSecretKey": "keys/ci.key"}}},
+        {"compressor": {"signing": {"existingSecretKey": ""}}},
+        {"compressor": {"signing": "deltavault-signing"}},
         {"unknown": True},
     ],
     ids=[
@@ -133,6 +143,15 @@ def test_chart_lints_and_renders_valid_manifests(scenario: Path | None) -> None:
         "sse-c-without-https",
         "sse-c-on-bundled-minio",
         "sse-s3-on-bundled-minio",
+        "require-signatures-type",
+        "trusted-keys-type",
+        "trusted-keys-configmap-type",
+        "trusted-keys-configmap-name",
+        "signatures-unknown-key",
+        "signing-secret-type",
+        "signing-key-path",
+        "signing-key-empty",
+        "signing-type",
         "unknown",
     ],
 )
@@ -292,6 +311,140 @@ def test_sse_without_a_customer_key_mounts_nothing(mode: str) -> None:
     assert env["DELTAVAULT_STORE_SSE"] == mode
     assert "DELTAVAULT_STORE_SSE_KEY_FILE" not in env
     assert "sse-key" not in {v["name"] for v in _store_pod(manifests)["volumes"]}
+
+
+def _pod(manifests: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    deployment = _find(manifests, "Deployment", f"{RELEASE}-deltavault-{component}")
+    pod: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return pod
+
+
+def _volume(manifests: list[dict[str, Any]], component: str, name: str) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = _pod(manifests, component)["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == name]
+    return volume
+
+
+def _mount(manifests: list[dict[str, Any]], component: str, name: str) -> dict[str, Any]:
+    mounts: list[dict[str, Any]] = _container(manifests, component).get("volumeMounts", [])
+    (mount,) = [m for m in mounts if m["name"] == name]
+    return mount
+
+
+def _parse(main: Any, prefix: str, env: dict[str, Any], argv: list[str]) -> Any:
+    """The service's flags as its parser reads them from the container's plain env."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            if isinstance(value, str) and name.startswith(prefix):
+                patch.setenv(name, value)
+        return main.build_parser().parse_args(argv)
+
+
+SIGNING_VARIABLES = {
+    "DELTAVAULT_COMPRESSOR_SIGNING_KEY",
+    "DELTAVAULT_STORE_TRUSTED_KEYS",
+    "DELTAVAULT_STORE_REQUIRE_SIGNATURES",
+}
+
+
+def test_signing_mounts_the_keys_read_only_and_passes_their_flags(tmp_path: Path) -> None:
+    manifests = render(_values(CHART / "ci" / "signed.yaml"))
+
+    # The compressor: only the private key of the Secret, read-only, as --signing-key.
+    compressor_env = _env(_container(manifests, "compressor"))
+    key_file = Path(compressor_env["DELTAVAULT_COMPRESSOR_SIGNING_KEY"])
+    mount = _mount(manifests, "compressor", "signing-key")
+    assert mount["readOnly"] is True
+    assert key_file.parent == Path(mount["mountPath"])
+    assert _volume(manifests, "compressor", "signing-key")["secret"] == {
+        "secretName": "deltavault-signing",
+        "defaultMode": 0o440,
+        "items": [{"key": "ci.key", "path": key_file.name}],
+    }
+    args = _parse(compressor_main, "DELTAVAULT_COMPRESSOR_", compressor_env, [])
+    assert args.signing_key == key_file
+
+    # The store: the whole ConfigMap of public keys, read-only, as --trusted-keys.
+    store_env = _env(_container(manifests, "store"))
+    folder = Path(store_env["DELTAVAULT_STORE_TRUSTED_KEYS"])
+    mount = _mount(manifests, "store", "trusted-keys")
+    assert mount["readOnly"] is True
+    assert Path(mount["mountPath"]) == folder
+    assert _volume(manifests, "store", "trusted-keys")["configMap"] == {
+        "name": "deltavault-trusted-keys"
+    }
+    assert store_env["DELTAVAULT_STORE_REQUIRE_SIGNATURES"] == "true"
+    args = _parse(store_main, "DELTAVAULT_STORE_", store_env, ["--root", "unused"])
+    assert args.trusted_keys == folder
+    assert args.require_signatures is True
+
+    # Lay the files out as the kubelet would (a Secret item at its path, a ConfigMap item
+    # `kubectl create configmap --from-file=keys/ci.pub` made at ci.pub): the compressor's
+    # key loads and the store trusts its signer.
+    private, public, signer_id = generate_key_pair(tmp_path / "keys", "ci")
+    mounted_key = tmp_path / key_file.relative_to("/")
+    mounted_key.parent.mkdir(parents=True)
+    mounted_key.write_bytes(private.read_bytes())
+    mounted_folder = tmp_path / folder.relative_to("/")
+    mounted_folder.mkdir(parents=True)
+    (mounted_folder / public.name).write_bytes(public.read_bytes())
+    assert Signer.from_file(mounted_key).key_id == signer_id
+    assert signer_id in TrustedKeys.load(mounted_folder)
+
+    # Each key goes to its own service only.
+    assert "trusted-keys" not in {v["name"] for v in _pod(manifests, "compressor")["volumes"]}
+    assert "signing-key" not in {v["name"] for v in _pod(manifests, "store")["volumes"]}
+    assert "DELTAVAULT_STORE_TRUSTED_KEYS" not in compressor_env
+    assert "DELTAVAULT_COMPRESSOR_SIGNING_KEY" not in store_env
+
+
+def test_signing_is_off_by_default() -> None:
+    manifests = render({})
+    for component in ("store", "compressor"):
+        container = _container(manifests, component)
+        assert not SIGNING_VARIABLES & set(_env(container)), component
+        names = {m["name"] for m in container["volumeMounts"]}
+        names |= {v["name"] for v in _pod(manifests, component)["volumes"]}
+        assert not {"signing-key", "trusted-keys"} & names, component
+    args = _parse(store_main, "DELTAVAULT_STORE_", _env(_container(manifests, "store")), [])
+    assert args.trusted_keys is None
+    assert args.require_signatures is False
+
+
+def test_require_signatures_without_trusted_keys_accepts_any_signer() -> None:
+    values = {"store": {"signatures": {"require": True}}}
+    helm_python.Chart.load(str(CHART)).validate_schema(values)
+    manifests = render(values)
+    env = _env(_container(manifests, "store"))
+    assert env["DELTAVAULT_STORE_REQUIRE_SIGNATURES"] == "true"
+    assert "DELTAVAULT_STORE_TRUSTED_KEYS" not in env
+    assert "trusted-keys" not in {v["name"] for v in _pod(manifests, "store")["volumes"]}
+    args = _parse(store_main, "DELTAVAULT_STORE_", env, [])
+    assert (args.trusted_keys, args.require_signatures) == (None, True)
+
+
+def test_trusted_keys_without_require_refuses_only_other_signers() -> None:
+    values = {"store": {"signatures": {"trustedKeys": {"existingConfigMap": "team-keys"}}}}
+    manifests = render(values)
+    env = _env(_container(manifests, "store"))
+    assert (
+        env["DELTAVAULT_STORE_TRUSTED_KEYS"]
+        == _mount(manifests, "store", "trusted-keys")["mountPath"]
+    )
+    assert "DELTAVAULT_STORE_REQUIRE_SIGNATURES" not in env
+    assert _volume(manifests, "store", "trusted-keys")["configMap"] == {"name": "team-keys"}
+    assert _parse(store_main, "DELTAVAULT_STORE_", env, []).require_signatures is False
+
+
+def test_signing_key_defaults_to_signing_key_of_the_secret() -> None:
+    manifests = render({"compressor": {"signing": {"existingSecret": "ci-signing"}}})
+    env = _env(_container(manifests, "compressor"))
+    assert env["DELTAVAULT_COMPRESSOR_SIGNING_KEY"] == "/etc/deltavault/signing/signing.key"
+    assert _volume(manifests, "compressor", "signing-key")["secret"]["items"] == [
+        {"key": "signing.key", "path": "signing.key"}
+    ]
+    # Signing alone asks nothing of the store.
+    assert not SIGNING_VARIABLES & set(_env(_container(manifests, "store")))
 
 
 def test_tls_serves_the_secrets_files_and_probes_the_health_port() -> None:
