@@ -97,6 +97,17 @@ def sealed_pair(pair: tuple[Path, Path]) -> tuple[Path, Path]:
     return base_dir, tuned_dir
 
 
+@pytest.fixture
+def sealed_vault(
+    store: RunningStore, compressor: CompressorServer, sealed_pair: tuple[Path, Path], keys: Keys
+) -> Iterator[DeltaVault]:
+    """A sealing client that has compressed the pair to ``team/sealed`` (adamix at 8x)."""
+    base_dir, tuned_dir = sealed_pair
+    with client(store, compressor, sealing=keys.sealing()) as vault:
+        vault.compress(base_dir, tuned_dir, ref="team/sealed", method="adamix", ratio=8)
+        yield vault
+
+
 def stored_objects(backend: Backend) -> dict[str, bytes]:
     return {info.key: backend.get(info.key) for info in backend.list("")}
 
@@ -169,13 +180,10 @@ def test_the_same_check_finds_plaintext_in_an_unsealed_store(
 def test_a_sealed_delta_needs_a_kek_that_opens_it(
     store: RunningStore,
     compressor: CompressorServer,
+    sealed_vault: DeltaVault,
     sealed_pair: tuple[Path, Path],
-    keys: Keys,
     tmp_path: Path,
 ) -> None:
-    base_dir, tuned_dir = sealed_pair
-    with client(store, compressor, sealing=keys.sealing()) as vault:
-        vault.compress(base_dir, tuned_dir, ref="team/sealed", method="adamix", ratio=8)
     other = tmp_path / "other-kek"
     write_key_file(other)
     for trust in ({}, {"sealing": SealingKeys.from_files([other])}):
@@ -183,7 +191,7 @@ def test_a_sealed_delta_needs_a_kek_that_opens_it(
             client(store, compressor, **trust) as reader,
             pytest.raises(PreconditionError, match=r"sealed|wrapped for"),
         ):
-            reader.reconstruct("team/sealed", base_dir, tmp_path / "out")
+            reader.reconstruct("team/sealed", sealed_pair[0], tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -201,50 +209,35 @@ def test_sealed_chunks_still_deduplicate_under_one_keyring(
 
 
 def test_a_flipped_bit_in_a_sealed_chunk_fails_authentication(
-    store: RunningStore,
-    compressor: CompressorServer,
-    sealed_pair: tuple[Path, Path],
-    keys: Keys,
-    tmp_path: Path,
+    store: RunningStore, sealed_vault: DeltaVault, sealed_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """Whoever holds the bucket flips a bit of a sealed chunk and re-addresses it (a new
     digest, a manifest naming it): the digests then agree, and authentication fails."""
-    base_dir, tuned_dir = sealed_pair
-    with client(store, compressor, sealing=keys.sealing()) as vault:
-        vault.compress(base_dir, tuned_dir, ref="team/sealed", method="adamix", ratio=8)
-        manifest = vault.manifest("team/sealed")
-        entry = next(t for t in manifest.tensors if t.parts)
-        chunk = entry.parts[0].chunks[0]
-        sealed = bytearray(store.client.read([chunk]))
-        sealed[len(sealed) // 2] ^= 0x10
-        forged = Digest.of(bytes(sealed))
-        store.client.put_chunks([(forged, bytes(sealed))])
-        chunk.digest.CopyFrom(forged.to_proto())
-        store.client.commit_manifest(manifest, ref="team/forged")
-        with pytest.raises(DataLossError, match="does not authenticate"):
-            vault.reconstruct("team/forged", base_dir, tmp_path / "out")
+    manifest = sealed_vault.manifest("team/sealed")
+    chunk = next(t for t in manifest.tensors if t.parts).parts[0].chunks[0]
+    sealed = bytearray(store.client.read([chunk]))
+    sealed[len(sealed) // 2] ^= 0x10
+    forged = Digest.of(bytes(sealed))
+    store.client.put_chunks([(forged, bytes(sealed))])
+    chunk.digest.CopyFrom(forged.to_proto())
+    store.client.commit_manifest(manifest, ref="team/forged")
+    with pytest.raises(DataLossError, match="does not authenticate"):
+        sealed_vault.reconstruct("team/forged", sealed_pair[0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_the_store_refuses_a_stored_chunk_altered_in_place(
-    store: RunningStore,
-    compressor: CompressorServer,
-    sealed_pair: tuple[Path, Path],
-    keys: Keys,
-    tmp_path: Path,
+    store: RunningStore, sealed_vault: DeltaVault, sealed_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """Altered without re-addressing, a chunk fails its digest before it leaves the store."""
-    base_dir, tuned_dir = sealed_pair
-    with client(store, compressor, sealing=keys.sealing()) as vault:
-        vault.compress(base_dir, tuned_dir, ref="team/sealed", method="adamix", ratio=8)
-        chunk = next(chunk_refs(vault.manifest("team/sealed")))
-        key = chunk_key(Digest.from_proto(chunk.digest))
-        stored = bytearray(store.backend.get(key))
-        stored[-1] ^= 0x01
-        store.backend.delete(key)
-        store.backend.put_if_absent(key, bytes(stored))
-        with pytest.raises(DataLossError):
-            vault.reconstruct("team/sealed", base_dir, tmp_path / "out")
+    chunk = next(chunk_refs(sealed_vault.manifest("team/sealed")))
+    key = chunk_key(Digest.from_proto(chunk.digest))
+    stored = bytearray(store.backend.get(key))
+    stored[-1] ^= 0x01
+    store.backend.delete(key)
+    store.backend.put_if_absent(key, bytes(stored))
+    with pytest.raises(DataLossError):
+        sealed_vault.reconstruct("team/sealed", sealed_pair[0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -439,20 +432,16 @@ def test_key_rotation_keeps_every_delta_readable_without_uploading(
 
 
 def test_the_reconstruct_rpc_opens_a_sealed_delta_with_its_data_key(
-    store: RunningStore,
     compressor: CompressorServer,
+    sealed_vault: DeltaVault,
     sealed_pair: tuple[Path, Path],
     keys: Keys,
     tmp_path: Path,
 ) -> None:
-    base_dir, tuned_dir = sealed_pair
-    sealing = keys.sealing()
-    with client(store, compressor, sealing=sealing) as vault:
-        vault.compress(base_dir, tuned_dir, ref="team/sealed", method="adamix", ratio=8)
-        vault.register_base(base_dir, ref="bases/sealed")
-        expected = dict(vault.deltas("team/sealed"))
-        out = vault.reconstruct("team/sealed", None, tmp_path / "out", base_ref="bases/sealed")
-    _, data_key = sealing.for_writing()
+    sealed_vault.register_base(sealed_pair[0], ref="bases/sealed")
+    expected = dict(sealed_vault.deltas("team/sealed"))
+    out = sealed_vault.reconstruct("team/sealed", None, tmp_path / "out", base_ref="bases/sealed")
+    _, data_key = keys.sealing().for_writing()
     with CompressorClient(f"127.0.0.1:{compressor.port}") as rpc:
         header = compressor_pb2.ReconstructHeader(ref="team/sealed", data_key=data_key)
         deltas = dict(rpc.reconstruct(header))
