@@ -248,9 +248,10 @@ class StoreClient(Closing):
             sealed = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             digest = Digest.from_proto(ref.digest)
             try:
-                yield [memoryview(self.sealer.open(sealed, f"chunk {digest}"))]
+                plain = self.sealer.open(sealed, f"chunk {digest}")
             except SealingError as exc:
                 raise DataLossError(str(exc), grpc.StatusCode.DATA_LOSS) from None
+            yield [memoryview(plain)]
 
     def _verified(self, refs: Iterable[common_pb2.ChunkRef]) -> Iterator[list[memoryview]]:
         """Each chunk's frames in order, the chunk checked against its digest and size."""
