@@ -12,6 +12,8 @@ halves so that no intermediate exceeds 2**49 (no signed overflow, which C++ leav
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -49,11 +51,29 @@ def check_mask_size(numel: int) -> None:
         raise ValueError(f"masks address at most 2**32 elements, got {numel}")
 
 
+_INT32_SHIFT = 1 << 31
+_BUCKET_SHIFT = 16
+_BUCKETS = 1 << (32 - _BUCKET_SHIFT)
+_KEY_BLOCK = 1 << 20
+"""Keys hashed per step: the finaliser's int64 temporaries stay a few MiB whatever the
+tensor (hashing 8M keys at once held ~300 MiB of them)."""
+
+
 def hash_keys(numel: int, seed: int) -> Tensor:
     """(numel,) int64 keys, uniform on [0, 2**32), one per linear index 0..numel-1."""
-    salt = mask_salt(seed)
     check_mask_size(numel)
-    return lowbias32(lowbias32(torch.arange(numel, dtype=torch.int64)) ^ salt)
+    keys = torch.empty(numel, dtype=torch.int64)
+    for start, block in _key_blocks(numel, seed):
+        keys[start : start + len(block)] = block
+    return keys
+
+
+def _key_blocks(numel: int, seed: int) -> Iterator[tuple[int, Tensor]]:
+    """(first index, keys) of consecutive blocks of at most ``_KEY_BLOCK`` keys."""
+    salt = mask_salt(seed)
+    for start in range(0, numel, _KEY_BLOCK):
+        index = torch.arange(start, min(start + _KEY_BLOCK, numel), dtype=torch.int64)
+        yield start, lowbias32(lowbias32(index) ^ salt)
 
 
 def prng_params(seed: int) -> dict[str, str]:
@@ -79,15 +99,32 @@ def threshold_mask(shape: tuple[int, int], seed: int, threshold: int) -> Tensor:
     draw; choosing ``threshold`` from the keys themselves fixes the kept count exactly.
     """
     rows, cols = shape
-    return (hash_keys(rows * cols, seed) < threshold).view(rows, cols)
+    check_mask_size(rows * cols)
+    mask = torch.empty(rows * cols, dtype=torch.bool)
+    for start, block in _key_blocks(rows * cols, seed):
+        mask[start : start + len(block)] = block < threshold
+    return mask.view(rows, cols)
 
 
 def threshold_for_count(numel: int, seed: int, count: int) -> int:
     """The largest threshold keeping at most ``count`` of ``numel`` keys (ties dropped)."""
     if count >= numel:
         return 1 << 32
-    keys = torch.sort(hash_keys(numel, seed)).values
-    return int(keys[count])
+    # The count-th smallest key (0-based) without sorting them all (a sort holds two more
+    # copies): the keys are kept shifted into int32 (order-preserving, half the bytes of
+    # int64), a histogram of their top 16 bits finds the bucket holding the answer, and
+    # only that bucket's keys (about numel / 65536) are sorted.
+    check_mask_size(numel)
+    shifted = torch.empty(numel, dtype=torch.int32)
+    histogram = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for start, block in _key_blocks(numel, seed):
+        shifted[start : start + len(block)] = block - _INT32_SHIFT
+        histogram += torch.bincount(block >> _BUCKET_SHIFT, minlength=_BUCKETS)
+    cumulative = histogram.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, count, right=True))
+    below = int(cumulative[bucket - 1]) if bucket else 0
+    members = shifted[(shifted >> _BUCKET_SHIFT) == bucket - (_INT32_SHIFT >> _BUCKET_SHIFT)]
+    return int(torch.sort(members).values[count - below]) + _INT32_SHIFT
 
 
 def group_keep_counts(cols: int, group_size: int, keep: int) -> list[int]:

@@ -26,6 +26,7 @@ from kernels.reference import (
     threshold_mask,
     unpack,
 )
+from kernels.reference.prng import lowbias32
 
 WIDTHS = list(range(1, 9))
 FLOAT_DTYPES = [PartDtype.FLOAT16, PartDtype.BFLOAT16, PartDtype.FLOAT32]
@@ -201,6 +202,19 @@ def test_group_mask_keeps_exact_counts(cols: int, group: int, keep: int) -> None
         assert mask[:, g * group : (g + 1) * group].sum(dim=1).tolist() == [k] * 6
     if keep < group:
         assert not torch.equal(mask[0], mask[1])  # rows draw independently
+
+
+def test_keys_and_masks_hashed_in_blocks_equal_one_pass() -> None:
+    """Hashing in blocks (to bound memory) changes nothing, across a block boundary too."""
+    numel, seed = (1 << 20) + 77, 0xFEED
+    salt = lowbias32(torch.tensor([seed ^ 0x9E3779B9], dtype=torch.int64))
+    one_pass = lowbias32(lowbias32(torch.arange(numel, dtype=torch.int64)) ^ salt)
+    assert torch.equal(hash_keys(numel, seed), one_pass)
+    ranked = torch.sort(one_pass).values
+    for count in (0, 1, numel // 2, numel - 1):
+        assert threshold_for_count(numel, seed, count) == int(ranked[count])
+    threshold = int(ranked[numel // 3])
+    assert torch.equal(threshold_mask((1, numel), seed, threshold)[0], one_pass < threshold)
 
 
 def test_threshold_mask_keeps_requested_count() -> None:
