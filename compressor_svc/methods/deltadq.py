@@ -61,9 +61,9 @@ from kernels.reference import (
     decode,
     group_keep_counts,
     group_mask_from_keys,
-    hash_keys,
     n_groups,
     prng_params,
+    ranked_keys,
     separate_dequantize,
     separate_quantize,
     separated_parts,
@@ -208,23 +208,24 @@ class Candidate:
     approx: Tensor
 
 
-def selection_gram(target: Target) -> Tensor:
-    """The Gram matrix that scores candidates: the caller's, or the data-free I + 11ᵀ."""
+def apply_selection_gram(target: Target, x: Tensor) -> Tensor:
+    """``x @ G`` for the Gram matrix that scores candidates: the caller's, or the data-free
+    I + 11ᵀ applied without forming it (``x + rowsum(x)``; a d_in-square matrix is 64 MiB
+    at d_in = 4096, and forming I + 11ᵀ took three of them)."""
     if target.gram is not None:
-        return target.gram
-    d_in = target.shape[1]
-    return torch.eye(d_in) + torch.ones(d_in, d_in)
+        return x @ target.gram
+    return x + x.sum(dim=1, keepdim=True)
 
 
-def output_error(delta: Tensor, approx: Tensor, gram: Tensor) -> float:
-    """tr(E G Eᵀ) for E = Δ - Δ̂: the squared output error on inputs with Gram matrix G."""
-    err = delta - approx
-    return float(((err @ gram) * err).sum())
+def output_error(target: Target, approx: Tensor) -> float:
+    """tr(E G Eᵀ) for E = Δ - Δ̂: the squared output error on inputs with Gram matrix G
+    (:func:`apply_selection_gram`)."""
+    err = target.delta - approx
+    return float((apply_selection_gram(target, err) * err).sum())
 
 
 class LayoutEncoder:
-    """Encodes one target under many layouts; element hashes and the scoring Gram matrix
-    are computed once."""
+    """Encodes one target under many layouts; element hashes are computed once."""
 
     def __init__(self, target: Target, config: DeltaDQConfig, method: tuple[str, int]) -> None:
         """Hash every element of ``target`` with the config's seed; encodings are named
@@ -236,18 +237,12 @@ class LayoutEncoder:
             method,
         )
         rows, cols = target.shape
-        self.keys = hash_keys(rows * cols, self.seed).view(rows, cols)
-        self._gram: Tensor | None = None
+        self.keys = ranked_keys(rows * cols, self.seed).view(rows, cols)
         self._delta_gram: Tensor | None = None
 
-    def _selection_gram(self) -> Tensor:
-        if self._gram is None:
-            self._gram = selection_gram(self.target)
-        return self._gram
-
     def error(self, candidate: Candidate) -> float:
-        """The candidate's squared output error under :func:`selection_gram`."""
-        return output_error(self.target.delta, candidate.approx, self._selection_gram())
+        """The candidate's squared output error (:func:`output_error`)."""
+        return output_error(self.target, candidate.approx)
 
     def encode(self, layout: Layout) -> Candidate:
         target = self.target
@@ -292,7 +287,7 @@ class LayoutEncoder:
         costs the rebuilt model far more than its share of the activation error suggests.
         """
         if self._delta_gram is None:
-            self._delta_gram = self.target.delta @ self._selection_gram()
+            self._delta_gram = apply_selection_gram(self.target, self.target.delta)
         along = float((self._delta_gram * self._scatter(mask, values)).sum())
         return float((self._delta_gram * self.target.delta).sum()) / along if along > 0 else 1.0
 
@@ -453,10 +448,7 @@ def compress_model(
         if probe is not None:
             score = probe({name: decode(e) for name, e in encoded.items()})
         else:
-            score = sum(
-                output_error(targets[n].delta, decode(e), selection_gram(targets[n]))
-                for n, e in encoded.items()
-            )
+            score = sum(output_error(targets[n], decode(e)) for n, e in encoded.items())
         if best is None or score < best[0]:
             best = (score, encoded)
     if best is None:

@@ -26,6 +26,7 @@ from kernels.reference.prng import (
     group_mask_from_keys,
     hash_keys,
     prng_params,
+    ranked_keys,
     threshold_for_count,
     threshold_mask,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "PRNG_NAME",
     "PRNG_VERSION",
     "hash_keys",
+    "ranked_keys",
     "prng_params",
     "threshold_mask",
     "threshold_for_count",

@@ -111,20 +111,28 @@ def threshold_for_count(numel: int, seed: int, count: int) -> int:
     if count >= numel:
         return 1 << 32
     # The count-th smallest key (0-based) without sorting them all (a sort holds two more
-    # copies): the keys are kept shifted into int32 (order-preserving, half the bytes of
-    # int64), a histogram of their top 16 bits finds the bucket holding the answer, and
-    # only that bucket's keys (about numel / 65536) are sorted.
-    check_mask_size(numel)
-    shifted = torch.empty(numel, dtype=torch.int32)
+    # copies): a histogram of the keys' top 16 bits finds the bucket holding the answer,
+    # and only that bucket's keys (about numel / 65536) are sorted.
+    ranked = ranked_keys(numel, seed)
     histogram = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for start, block in _key_blocks(numel, seed):
-        shifted[start : start + len(block)] = block - _INT32_SHIFT
-        histogram += torch.bincount(block >> _BUCKET_SHIFT, minlength=_BUCKETS)
+    for start in range(0, numel, _KEY_BLOCK):
+        top = (ranked[start : start + _KEY_BLOCK] >> _BUCKET_SHIFT) + _BUCKETS // 2
+        histogram += torch.bincount(top, minlength=_BUCKETS)
     cumulative = histogram.cumsum(0)
     bucket = int(torch.searchsorted(cumulative, count, right=True))
     below = int(cumulative[bucket - 1]) if bucket else 0
-    members = shifted[(shifted >> _BUCKET_SHIFT) == bucket - (_INT32_SHIFT >> _BUCKET_SHIFT)]
+    members = ranked[(ranked >> _BUCKET_SHIFT) == bucket - _BUCKETS // 2]
     return int(torch.sort(members).values[count - below]) + _INT32_SHIFT
+
+
+def ranked_keys(numel: int, seed: int) -> Tensor:
+    """(numel,) int32: :func:`hash_keys` minus 2**31, which orders (and ties) the elements
+    exactly as the keys do, in half the bytes. For masks that rank keys, not read them."""
+    check_mask_size(numel)
+    ranked = torch.empty(numel, dtype=torch.int32)
+    for start, block in _key_blocks(numel, seed):
+        ranked[start : start + len(block)] = block - _INT32_SHIFT
+    return ranked
 
 
 def group_keep_counts(cols: int, group_size: int, keep: int) -> list[int]:
@@ -149,11 +157,24 @@ def group_mask(shape: tuple[int, int], seed: int, group_size: int, keep: int) ->
 
 
 def group_mask_from_keys(keys: Tensor, group_size: int, keep: int) -> Tensor:
-    """:func:`group_mask` for (rows, cols) keys already drawn with :func:`hash_keys`, so that
-    an encoder trying many group sizes hashes each element once."""
+    """:func:`group_mask` for (rows, cols) keys already drawn with :func:`hash_keys` (or
+    :func:`ranked_keys`: the same mask), so that an encoder trying many group sizes hashes
+    each element once."""
     rows, cols = keys.shape
     if not 1 <= keep <= group_size:
         raise ValueError(f"keep must be in 1..group_size={group_size}, got {keep}")
+    # Rows are independent: ranking a block of them at a time bounds the sort's int64
+    # indices and copies to a few MiB whatever the matrix.
+    mask = torch.empty(keys.shape, dtype=torch.bool)
+    step = max(1, _KEY_BLOCK // max(cols, 1))
+    for first in range(0, rows, step):
+        mask[first : first + step] = _row_group_mask(keys[first : first + step], group_size, keep)
+    return mask
+
+
+def _row_group_mask(keys: Tensor, group_size: int, keep: int) -> Tensor:
+    """:func:`group_mask_from_keys` of a block of rows."""
+    rows, cols = keys.shape
     n_full = cols // group_size
     full = keys[:, : n_full * group_size].reshape(rows, n_full, group_size)
     chosen = torch.argsort(full, dim=2, stable=True)[:, :, :keep]
