@@ -123,9 +123,11 @@ class BitDelta(Method[BitDeltaConfig]):
         planes, scales = [], []
         for _ in range(levels):
             positive = residual > 0  # zero counts as -1, as in the reference
-            signs = positive.float() * 2 - 1
+            signs = torch.where(positive, 1.0, -1.0)
             alpha = fit_scale(residual, signs, target.gram, per_row)
-            residual -= alpha.unsqueeze(1) * signs
+            # In place: alpha·(±1) is exact, so this rounds as residual - alpha·signs does.
+            residual.addcmul_(signs, alpha.unsqueeze(1), value=-1)
+            del signs
             planes.append(positive)
             scales.append(alpha)
         parts = (
