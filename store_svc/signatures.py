@@ -195,12 +195,21 @@ def trusted_signers(
 def require_trusted_signature(
     signatures: Iterable[common_pb2.ManifestSignature], digest: Digest, trusted: TrustedKeys
 ) -> str:
-    """The key id of a trusted signer of ``digest``; ``SignatureError`` for a bad or
-    untrusted signature or none at all. What a reader runs before using a manifest."""
-    signers = trusted_signers(signatures, digest, trusted)
+    """The key id of a trusted signer of ``digest``: what a reader runs before using a
+    manifest. ``SignatureError`` if any signature is bad (the store refuses those, so one
+    means tampering), ``UntrustedSigner`` if no valid one is by a trusted key. Valid
+    signatures by other keys are ignored: anyone may countersign, and that must not lock
+    readers out of a manifest their own keys vouch for."""
+    signers = [check_signature(signature, digest) for signature in signatures]
+    vouched = [signer for signer in signers if signer in trusted]
+    if vouched:
+        return vouched[0]
     if not signers:
         raise UntrustedSigner(f"manifest {digest} is not signed; {trusted.source} require it")
-    return signers[0]
+    raise UntrustedSigner(
+        f"manifest {digest} is signed by {', '.join(signers)}, not among {trusted.source} "
+        f"({', '.join(sorted(trusted.keys))})"
+    )
 
 
 @dataclass(frozen=True)

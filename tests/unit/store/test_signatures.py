@@ -233,6 +233,17 @@ def test_require_trusted_signature() -> None:
         require_trusted_signature([trusted.sign(OTHER_DIGEST)], DIGEST, keys)
 
 
+def test_a_reader_ignores_countersignatures_by_keys_it_does_not_trust() -> None:
+    """Anyone may add a valid signature beside a manifest; that must not lock readers out
+    of one their own keys vouch for. A bad signature, though, means tampering."""
+    trusted, stranger = new_signer(), new_signer()
+    keys = trusting(trusted)
+    both = [stranger.sign(DIGEST), trusted.sign(DIGEST)]
+    assert require_trusted_signature(both, DIGEST, keys) == trusted.key_id
+    with pytest.raises(SignatureError, match="does not verify"):
+        require_trusted_signature([*both, stranger.sign(OTHER_DIGEST)], DIGEST, keys)
+
+
 def test_trusted_keys_load_reads_every_public_key(tmp_path: Path) -> None:
     ids = {generate_key_pair(tmp_path, name)[2] for name in ("alice", "bob")}
     (tmp_path / "README.txt").write_text("only *.pub files count\n")
