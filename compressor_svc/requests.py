@@ -156,7 +156,8 @@ class CompressSpec:
     """Side files the client uploaded; the store checks them at the commit."""
     sealing: common_pb2.ChunkSealing | None = None
     """Seal every chunk (``clients.sealing``): the manifest's record of the data key."""
-    data_key: bytes = b""
+    data_key: bytes = dataclasses.field(default=b"", repr=False)
+    """The key ``sealing`` records; never in a repr, a log line or an error message."""
 
     @classmethod
     def from_proto(cls, header: compressor_pb2.CompressHeader) -> CompressSpec:
