@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
@@ -197,7 +197,8 @@ def save_keyring(path: Path | str, record: common_pb2.ChunkSealing, *, replace: 
 class SealingKeys:
     """The KEKs a client holds and, to write, the keyring whose data key seals new chunks."""
 
-    keks: Sequence[bytes]
+    keks: Sequence[bytes] = field(repr=False)
+    """Never in a repr: a traceback or a log line must not carry a key."""
     keyring: common_pb2.ChunkSealing | None = None
 
     @classmethod
