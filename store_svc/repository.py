@@ -40,6 +40,7 @@ from store_svc.signatures import (
     SignaturePolicy,
     SignatureStore,
     UntrustedSigner,
+    check_signature,
     trusted_signers,
 )
 from store_svc.tenancy import Kind, TenantChunks, TenantLedger
@@ -118,13 +119,11 @@ class Repository:
             raise NotFound(f"no manifest {digest}")
         return self.manifests.get(digest)
 
-    def get_signatures(
+    def get_signed_manifest(
         self, digest: Digest, tenant: Tenant | None
-    ) -> list[common_pb2.ManifestSignature]:
-        """The signatures stored beside a manifest, by key id."""
-        if not self._has_manifest(digest, tenant):
-            raise NotFound(f"no manifest {digest}")
-        return self.signatures.of(digest)
+    ) -> tuple[common_pb2.Manifest, list[common_pb2.ManifestSignature]]:
+        """A manifest and the signatures stored beside it, by key id."""
+        return self.get_manifest(digest, tenant), self.signatures.of(digest)
 
     def commit(
         self,
@@ -211,12 +210,25 @@ class Repository:
             raise PermissionDenied(f"manifest not committed: {exc}") from None
         except SignatureError as exc:
             raise InvalidArgument(f"manifest not committed: {exc}") from None
-        if policy.required and not signers:
+        if policy.required and not signers and not self._signed_before(digest):
             by = "a trusted key" if policy.trusted is not None else "an Ed25519 key"
             raise FailedPrecondition(
                 f"manifest {digest} not committed: this store requires manifests signed by "
                 f"{by} (sign with `deltavault keys generate` and --signing-key)"
             )
+
+    def _signed_before(self, digest: Digest) -> bool:
+        """Whether the stored manifest ``digest`` already carries a signature the policy
+        accepts: committing it again (to move a ref) needs no new one."""
+        trusted = self.signature_policy.trusted
+        for signature in self.signatures.of(digest):
+            try:
+                signer = check_signature(signature, digest)
+            except SignatureError:
+                continue
+            if trusted is None or signer in trusted:
+                return True
+        return False
 
     def _check_ref(self, move: RefMove) -> None:
         current = self.refs.resolve(move.ref)

@@ -196,12 +196,9 @@ class DeltaStoreServicer:
         self, request: store_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> store_pb2.GetManifestResponse:
         digest = _digest(request.digest, "digest")
-        tenant = _tenant()
-        manifest = self._repo.get_manifest(digest, tenant)
+        manifest, signatures = self._repo.get_signed_manifest(digest, _tenant())
         return store_pb2.GetManifestResponse(
-            manifest=manifest,
-            digest=digest.to_proto(),
-            signatures=self._repo.get_signatures(digest, tenant),
+            manifest=manifest, digest=digest.to_proto(), signatures=signatures
         )
 
     def UpdateRef(

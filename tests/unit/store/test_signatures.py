@@ -344,14 +344,14 @@ def test_without_policy_unsigned_and_signed_commits_work(open_repository: OpenRe
     unsigned = stored_manifest(repo)
     result, _ = repo.commit(unsigned)
     assert not result.already_present
-    assert repo.get_signatures(result.digest, None) == []
+    assert repo.signatures.of(result.digest) == []
 
     signer = new_signer()
     manifest = stored_manifest(repo)
     digest = manifest_digest(manifest)
     result, _ = repo.commit(manifest, signatures=[signer.sign(digest)])
     assert result.digest == digest
-    [stored] = repo.get_signatures(digest, None)
+    [stored] = repo.signatures.of(digest)
     assert stored == signer.sign(digest)
     assert check_signature(stored, digest) == signer.key_id
     assert signature_objects(repo) == [signature_key(digest, signer.key_id)]
@@ -389,7 +389,7 @@ def test_every_signature_of_one_commit_is_stored(open_repository: OpenRepository
     digest = manifest_digest(manifest)
     signers = [new_signer() for _ in range(3)]
     repo.commit(manifest, signatures=[signer.sign(digest) for signer in signers])
-    stored = repo.get_signatures(digest, None)
+    stored = repo.signatures.of(digest)
     assert sorted(s.key_id for s in stored) == sorted(signer.key_id for signer in signers)
     assert [s.key_id for s in stored] == sorted(s.key_id for s in stored)  # by key id
 
@@ -405,7 +405,7 @@ def test_a_bad_signature_on_an_existing_manifest_is_refused(
     forged.signature = bytes(64)
     with pytest.raises(InvalidArgument, match="does not verify"):
         repo.commit(manifest, signatures=[forged])
-    assert repo.get_signatures(digest, None) == []
+    assert repo.signatures.of(digest) == []
 
 
 def test_required_policy_refuses_unsigned(open_repository: OpenRepository) -> None:
@@ -419,7 +419,18 @@ def test_required_policy_refuses_unsigned(open_repository: OpenRepository) -> No
     signer = new_signer()  # without a trust list, any valid signature will do
     result, _ = repo.commit(manifest, signatures=[signer.sign(digest)])
     assert result.digest == digest and repo.manifests.exists(digest)
-    assert [s.key_id for s in repo.get_signatures(digest, None)] == [signer.key_id]
+    assert [s.key_id for s in repo.signatures.of(digest)] == [signer.key_id]
+
+
+def test_a_stored_signature_lets_the_manifest_be_committed_again_to_move_a_ref(
+    open_repository: OpenRepository,
+) -> None:
+    repo = open_repository(SignaturePolicy(required=True))
+    manifest = stored_manifest(repo)
+    digest = manifest_digest(manifest)
+    repo.commit(manifest, signatures=[new_signer().sign(digest)])
+    _, previous = repo.commit(manifest, RefMove(RefName("team", "m"), None))
+    assert previous is None and repo.refs.resolve(RefName("team", "m")) == digest
 
 
 def test_trusted_policy_refuses_unknown_keys_and_accepts_trusted(
@@ -444,7 +455,7 @@ def test_trusted_policy_refuses_unknown_keys_and_accepts_trusted(
 
     result, _ = repo.commit(manifest, signatures=[trusted.sign(digest)])
     assert result.digest == digest and not result.already_present
-    assert [s.key_id for s in repo.get_signatures(digest, None)] == [trusted_id]
+    assert [s.key_id for s in repo.signatures.of(digest)] == [trusted_id]
 
 
 def test_trusted_policy_without_required_still_refuses_strangers(
@@ -470,12 +481,12 @@ def test_recommitting_with_a_second_signer_adds_its_signature(
 
     result, _ = repo.commit(manifest, signatures=[second.sign(digest)])
     assert result.already_present
-    stored = repo.get_signatures(digest, None)
+    stored = repo.signatures.of(digest)
     assert sorted(s.key_id for s in stored) == sorted([first.key_id, second.key_id])
     assert all(check_signature(s, digest) for s in stored)
 
     repo.commit(manifest, signatures=[first.sign(digest)])  # re-signing adds nothing
-    assert len(repo.get_signatures(digest, None)) == 2
+    assert len(repo.signatures.of(digest)) == 2
     assert len(signature_objects(repo, digest)) == 2
 
 
@@ -485,8 +496,8 @@ def test_signatures_are_per_manifest(open_repository: OpenRepository) -> None:
     a, b = stored_manifest(repo), stored_manifest(repo)
     repo.commit(a, signatures=[signer.sign(manifest_digest(a))])
     repo.commit(b)
-    assert len(repo.get_signatures(manifest_digest(a), None)) == 1
-    assert repo.get_signatures(manifest_digest(b), None) == []
+    assert len(repo.signatures.of(manifest_digest(a))) == 1
+    assert repo.signatures.of(manifest_digest(b)) == []
 
 
 def test_garbage_collection_sweeps_signatures_with_their_manifests(
@@ -519,7 +530,7 @@ def test_garbage_collection_sweeps_signatures_with_their_manifests(
     assert not repo.manifests.exists(dead_digest)
     assert signature_objects(repo, dead_digest) == []
     assert signature_objects(repo) == [signature_key(live_digest, signer.key_id)]
-    assert [s.key_id for s in repo.get_signatures(live_digest, None)] == [signer.key_id]
+    assert [s.key_id for s in repo.signatures.of(live_digest)] == [signer.key_id]
 
 
 def test_garbage_collection_sweeps_a_signature_whose_manifest_is_gone(
