@@ -417,8 +417,7 @@ class DeltaVault(Closing):
         """
         pair = ModelPair.open(base, finetuned, calibration)
         side_files = [] if isinstance(pair.finetuned, LoraAdapter) else pair.finetuned.side_files()
-        sealing, data_key = self._data_key()
-        writer = self.store.sealed(ChunkSealer(data_key) if data_key else None)
+        sealing, data_key, writer = self._writer()
         header = compressor_pb2.CompressHeader(
             sealing=sealing,
             data_key=data_key,
@@ -438,19 +437,19 @@ class DeltaVault(Closing):
         if len(endpoints) == 1:
             report = self._compress_on(endpoints[0], header, pair, list(sizes), progress)
             if self.signer is not None:
-                self.store.commit_manifest(
-                    self.store.get_manifest(Digest.parse(report.manifest)), signer=self.signer
-                )
+                self._countersign(Digest.parse(report.manifest), self.signer)
             return report
         if header.allocation == compressor_pb2.ALLOCATION_SCOPE_MODEL:
             raise ValueError("model-wide allocation needs every matrix on one compressor")
         return self._fan_out(endpoints, header, pair, sizes, progress)
 
-    def _data_key(self) -> tuple[common_pb2.ChunkSealing | None, bytes]:
-        """The keyring's record and data key when this client seals; else (None, b"")."""
+    def _writer(self) -> tuple[common_pb2.ChunkSealing | None, bytes, StoreClient]:
+        """What new data is written with: the keyring's record, its data key and the store
+        view sealing under it; (None, b"", the plain store) when this client does not seal."""
         if self.sealing is None:
-            return None, b""
-        return self.sealing.for_writing()
+            return None, b"", self.store
+        record, data_key = self.sealing.for_writing()
+        return record, data_key, self.store.sealed(ChunkSealer(data_key))
 
     def _compress_on(
         self,
@@ -759,8 +758,7 @@ class DeltaVault(Closing):
             self._refuse_existing(ref)
         created = Timestamp()
         created.GetCurrentTime()
-        sealing, data_key = self._data_key()
-        writer = self.store.sealed(ChunkSealer(data_key) if data_key else None)
+        sealing, _, writer = self._writer()
         manifest = common_pb2.Manifest(
             format_version=MANIFEST_FORMAT_VERSION,
             digest_algorithm=common_pb2.DIGEST_ALGORITHM_BLAKE3,
@@ -836,10 +834,15 @@ class DeltaVault(Closing):
         the manifest and its digest are unchanged); returns the signer's key id."""
         if self.signer is None:
             raise ValueError("signing needs a signer (a key from `deltavault keys generate`)")
-        signed = self.store.get_signed_manifest(self.store.resolve_ref(ref))
-        trusted_signers(signed.signatures, signed.digest, None)  # never countersign a forgery
-        self.store.commit_manifest(signed.manifest, signer=self.signer)
+        self._countersign(self.store.resolve_ref(ref), self.signer)
         return self.signer.key_id
+
+    def _countersign(self, digest: Digest, signer: Signer) -> None:
+        """Store ``signer``'s signature beside the manifest ``digest`` (re-committing it:
+        nothing else changes), after checking the signatures it already has."""
+        signed = self.store.get_signed_manifest(digest)
+        trusted_signers(signed.signatures, signed.digest, None)  # never countersign a forgery
+        self.store.commit_manifest(signed.manifest, signer=signer)
 
     def rotate(self, new_kek: bytes, *, prefix: str = "", keep_old: bool = False) -> list[Rotated]:
         """Re-wrap the data key of every sealed manifest under ``prefix`` for ``new_kek``

@@ -319,6 +319,19 @@ def test_an_unsigned_manifest_is_refused_by_a_reader_that_trusts_keys(
     assert report["client"]["chunks"] == report["chunks_checked"]
 
 
+def test_a_client_with_a_signing_key_countersigns_what_it_compresses(
+    store: RunningStore,
+    compressor: CompressorServer,
+    sealed_pair: tuple[Path, Path],
+    keys: Keys,
+) -> None:
+    base_dir, tuned_dir = sealed_pair
+    with client(store, compressor, signer=keys.producer) as vault:
+        vault.compress(base_dir, tuned_dir, ref="team/m", method="adamix", ratio=8)
+    with client(store, compressor, trusted_keys=TrustedKeys.load(keys.trusted)) as reader:
+        assert reader.check("team/m")["signed_by"] == keys.producer.key_id
+
+
 @pytest.fixture
 def strict_store(backend: Backend, keys: Keys, tmp_path: Path) -> Iterator[RunningStore]:
     """A store started with --trusted-keys (the producer's) and --require-signatures."""
